@@ -1,0 +1,41 @@
+# The two commands of the README: `make demo` (set up, score sample data, open the dashboard) and
+# `make test` (set up, run the suite). Both create .venv and install everything they need.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   := results/demo
+PORT   ?= 8501
+
+.PHONY: setup system-packages demo demo-score test lint bench clean
+
+# Debian packages: atlases and Colin27 (mricron-data), a browser for the end-to-end test, PostgreSQL.
+system-packages:
+	@bash scripts/system_packages.sh
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dashboard,eval,postgres,distributed,dev]'
+	touch $(STAMP)
+
+setup: system-packages $(STAMP)
+
+demo-score: setup
+	$(BIN)/anomaly sample-data data/sample
+	$(BIN)/anomaly score data/sample --out $(DEMO)/maps --db $(DEMO)/anomaly.db --csv $(DEMO)/scores.csv
+	@echo
+	@echo "demo results: maps in $(DEMO)/maps, scores in $(DEMO)/scores.csv, database $(DEMO)/anomaly.db"
+
+demo: demo-score
+	$(BIN)/anomaly dashboard --db $(DEMO)/anomaly.db --port $(PORT)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check anomaly pipelines dashboard tests benchmarks
+
+clean:
+	rm -rf $(VENV) results data/sample .pytest_cache

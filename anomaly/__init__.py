@@ -1,0 +1,5 @@
+"""Brain MRI anomaly detection library: volumes, preprocessing, models, scoring, storage."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

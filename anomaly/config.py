@@ -1,0 +1,140 @@
+"""Typed settings parsed from YAML: preprocessing, post-processing, scan score, scoring run."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration file or value that cannot be used; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a volume becomes model slices. ``None`` fields are taken from the model's input spec."""
+
+    orientation: str = "RAS"
+    spacing: tuple[float, float, float] | None = None
+    slice_size: int | None = None
+    lower_percentile: float = 0.5
+    upper_percentile: float = 99.5
+    mask_tolerance: float = 0.01
+    min_slice_brain_fraction: float = 0.01
+    skull_volume_ml: float = 2300.0
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """Map clean-up on the model grid: in-plane median filter and brain-mask erosion (mm)."""
+
+    median_size: int = 5
+    erode_mm: float = 2.0
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Scan score from the map: ``top_fraction`` (mean of the highest voxels), ``max``, ``mean``."""
+
+    method: str = "top_fraction"
+    fraction: float = 0.001
+
+    def __post_init__(self) -> None:
+        if self.method not in ("top_fraction", "max", "mean"):
+            raise ConfigError(f"score.method must be top_fraction, max or mean, not {self.method!r}")
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"score.fraction must lie in (0, 1], not {self.fraction}")
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """Everything that changes a scan's map; its hash decides whether a scan is scored again."""
+
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    precision: str = "fp32"
+    seed: int = 0
+    batch_size: int = 16
+    save_reconstruction: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be fp32 or bf16, not {self.precision!r}")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size must be at least 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def result_dict(self) -> dict[str, Any]:
+        """The settings that change results (batch size only changes speed)."""
+        data = self.to_dict()
+        data.pop("batch_size")
+        return data
+
+    def hash(self) -> str:
+        payload = json.dumps(self.result_dict(), sort_keys=True, default=list)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build a frozen config dataclass from a mapping, refusing unknown keys with their names."""
+    data = dict(data or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown setting(s) {', '.join(where + k for k in unknown)}; "
+            f"allowed: {', '.join(where + k for k in fields)}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        sub = _nested.get((cls.__name__, name))
+        if sub is not None:
+            kwargs[name] = from_dict(sub, value, f"{where}{name}.")
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"bad settings {where or cls.__name__}: {exc}") from exc
+
+
+_nested: dict[tuple[str, str], type] = {
+    ("ScoringSettings", "preprocess"): PreprocessConfig,
+    ("ScoringSettings", "postprocess"): PostprocessConfig,
+    ("ScoringSettings", "score"): ScoreConfig,
+}
+
+
+def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML mapping with an error that names the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found; check the path") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def load_scoring_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> ScoringSettings:
+    """Scoring settings from a YAML file (or the defaults), with keyword overrides applied on top."""
+    data = load_yaml(path) if path else {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(ScoringSettings, data)

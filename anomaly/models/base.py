@@ -1,0 +1,51 @@
+"""The slice-model interface every reconstructor implements, and its output dataclass."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from anomaly.preprocess import InputSpec
+
+
+@dataclass
+class SliceOutput:
+    """Per-slice anomaly maps (non-negative, intensity units of the [0, 1] input) and, for
+    reconstruction models, the (restored) reconstruction shown beside the input."""
+
+    anomaly: torch.Tensor
+    reconstruction: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What the store records about a model: its name, a hash of its weights and its config."""
+
+    name: str
+    weights_hash: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+class SliceModel(ABC):
+    """Turns a batch of axial slices ``[B, 1, H, W]`` in [0, 1] (zero outside the brain) into maps."""
+
+    name: str = "model"
+    input_spec: InputSpec = InputSpec()
+
+    @abstractmethod
+    def score_slices(self, x: torch.Tensor, generator: torch.Generator | None = None) -> SliceOutput:
+        """Anomaly maps for one batch of slices."""
+
+    @abstractmethod
+    def identity(self) -> ModelIdentity:
+        """Name, weights hash and config, so results say exactly which model made them."""
+
+    def to(self, device: str | torch.device) -> SliceModel:
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")

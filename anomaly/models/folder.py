@@ -1,0 +1,98 @@
+"""The model folder format: a diffusers ``AutoencoderKL`` folder, optionally inside a folder that adds
+``anomaly_model.json`` (input spec, map rule) and a restoration stage in its own subfolder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from diffusers import AutoencoderKL
+
+from anomaly.models.autoencoder import AutoencoderSliceModel, MapConfig
+from anomaly.models.restoration import LatentDiffusionHealer, load_restoration
+from anomaly.preprocess import InputSpec
+
+MODEL_CONFIG = "anomaly_model.json"
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be loaded; the message says which files are missing and where they go."""
+
+
+def weights_hash(folder: str | os.PathLike[str]) -> str:
+    """Hash of every weight and config file in a model folder: the model's identity in the store."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin")):
+        digest.update(str(path.relative_to(folder)).encode())
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def is_model_folder(folder: str | os.PathLike[str]) -> bool:
+    folder = Path(folder)
+    return (folder / MODEL_CONFIG).is_file() or (folder / "config.json").is_file()
+
+
+def default_input_spec(vae_config: dict[str, Any]) -> InputSpec:
+    """1-channel brain VAEs use their trained slice size; RGB Stable-Diffusion VAEs get 192 px at 1 mm."""
+    if int(vae_config.get("in_channels", 3)) == 1:
+        size = int(vae_config.get("sample_size", 256))
+        return InputSpec(slice_size=size if size >= 64 else 192, spacing=(1.0, 1.0, 1.0))
+    return InputSpec(slice_size=192, spacing=(1.0, 1.0, 1.0))
+
+
+def load_model_folder(folder: str | os.PathLike[str], *, name: str | None = None, precision: str = "fp32",
+                      force_fp32: bool | None = None, **restoration_overrides: Any) -> AutoencoderSliceModel:
+    """Load a model folder (see module docstring) through diffusers' ``from_pretrained``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: model folder not found; give a model name (see `anomaly models list`) "
+                             "or a folder holding config.json and safetensors weights")
+    meta: dict[str, Any] = {}
+    vae_dir = folder
+    if (folder / MODEL_CONFIG).is_file():
+        meta = json.loads((folder / MODEL_CONFIG).read_text())
+        vae_dir = folder / meta.get("vae", "vae")
+    if not (vae_dir / "config.json").is_file():
+        raise ModelLoadError(f"{vae_dir}: no config.json; a model folder needs config.json and "
+                             "diffusion_pytorch_model.safetensors as written by AutoencoderKL.save_pretrained")
+    try:
+        vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{vae_dir}: cannot load the AutoencoderKL weights: {exc}") from exc
+    spec = InputSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["input_spec"].items()}) \
+        if "input_spec" in meta else default_input_spec(dict(vae.config))
+    restoration = None
+    if meta.get("restoration"):
+        restoration = load_restoration(folder / meta["restoration"], **restoration_overrides)
+    return AutoencoderSliceModel(
+        vae, name=name or meta.get("name") or folder.name, weights_hash=weights_hash(folder), input_spec=spec,
+        restoration=restoration, map_config=MapConfig(**meta.get("map", {})), precision=precision,
+        force_fp32=bool(meta.get("force_fp32", False) if force_fp32 is None else force_fp32),
+    )
+
+
+def save_model_folder(folder: str | os.PathLike[str], vae: AutoencoderKL, *, name: str, input_spec: InputSpec,
+                      restoration: LatentDiffusionHealer | None = None, map_config: MapConfig | None = None,
+                      force_fp32: bool = False, extra: dict[str, Any] | None = None) -> Path:
+    """Write a model folder: ``vae/`` via ``save_pretrained``, ``healer/`` when present, and the meta file."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vae.save_pretrained(folder / "vae", safe_serialization=True)
+    meta: dict[str, Any] = {
+        "format": 1, "name": name, "vae": "vae", "restoration": None,
+        "input_spec": asdict(input_spec), "map": asdict(map_config or MapConfig()), "force_fp32": force_fp32,
+        **(extra or {}),
+    }
+    if restoration is not None:
+        restoration.save_pretrained(folder / "healer")
+        meta["restoration"] = "healer"
+    (folder / MODEL_CONFIG).write_text(json.dumps(meta, indent=2, default=list))
+    return folder

@@ -1,0 +1,92 @@
+"""Restoration stages: turn the latent of an abnormal slice into the latent of plausible normal anatomy.
+
+A plain autoencoder copies lesions into its reconstruction; a restoration stage trained on healthy
+latents replaces them, so the difference between reconstruction and restoration points at disease.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+
+HEALER_CONFIG = "healer.json"
+
+
+@dataclass(frozen=True)
+class HealerConfig:
+    """Partial noising depth ``t0`` (of the scheduler's training steps), DDIM steps back, noise draws,
+    and the affine latent normalisation (``(z - latent_mean) * latent_scale``) the UNet was trained on."""
+
+    kind: str = "latent-ddim"
+    t0: int = 250
+    steps: int = 5
+    draws: int = 1
+    latent_mean: float = 0.0
+    latent_scale: float = 1.0
+
+
+class LatentDiffusionHealer(torch.nn.Module):
+    """A diffusers ``UNet2DModel`` + ``DDIMScheduler`` trained on latents of healthy slices: noise the
+    latent part-way (``t0``) and denoise it back, which keeps normal anatomy and drops the abnormal."""
+
+    def __init__(self, unet: UNet2DModel, scheduler: DDIMScheduler, config: HealerConfig) -> None:
+        super().__init__()
+        self.unet = unet
+        self.scheduler = scheduler
+        self.config = config
+
+    def timesteps(self) -> list[int]:
+        """The DDIM timesteps from ``t0`` down, ``steps`` of them."""
+        total = int(self.scheduler.config.num_train_timesteps)
+        t0 = min(max(int(self.config.t0), 1), total - 1)
+        n = max(1, int(round(self.config.steps * total / t0)))
+        self.scheduler.set_timesteps(n)
+        return [int(t) for t in self.scheduler.timesteps if int(t) <= t0]
+
+    @torch.inference_mode()
+    def heal(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Restore a batch of latents ``[B, C, h, w]``."""
+        cfg = self.config
+        zs = (z - cfg.latent_mean) * cfg.latent_scale
+        steps = self.timesteps()
+        if not steps:
+            return z
+        noise = torch.randn(zs.shape, generator=generator, dtype=zs.dtype, device="cpu").to(zs.device)
+        sample = self.scheduler.add_noise(zs, noise, torch.tensor([steps[0]]))
+        for t in steps:
+            eps = self.unet(sample, t).sample
+            sample = self.scheduler.step(eps, t, sample).prev_sample
+        return sample / cfg.latent_scale + cfg.latent_mean
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
+        folder = Path(folder)
+        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        self.scheduler.save_pretrained(folder / "scheduler")
+        (folder / HEALER_CONFIG).write_text(json.dumps(asdict(self.config), indent=2))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike[str], **overrides: Any) -> LatentDiffusionHealer:
+        folder = Path(folder)
+        data = json.loads((folder / HEALER_CONFIG).read_text())
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        unet = UNet2DModel.from_pretrained(folder / "unet")
+        scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+        return cls(unet.eval(), scheduler, HealerConfig(**data))
+
+
+RESTORATION_KINDS: dict[str, type[LatentDiffusionHealer]] = {"latent-ddim": LatentDiffusionHealer}
+
+
+def load_restoration(folder: str | os.PathLike[str], **overrides: Any) -> LatentDiffusionHealer:
+    """Load the restoration stage stored in ``folder`` by the kind its config names."""
+    folder = Path(folder)
+    kind = json.loads((folder / HEALER_CONFIG).read_text()).get("kind", "latent-ddim")
+    if kind not in RESTORATION_KINDS:
+        raise ValueError(f"{folder}: unknown restoration kind {kind!r}; known: {', '.join(RESTORATION_KINDS)}")
+    return RESTORATION_KINDS[kind].from_pretrained(folder, **overrides)

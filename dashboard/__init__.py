@@ -1,0 +1,1 @@
+"""Streamlit review dashboard reading and writing through :mod:`anomaly.store`."""

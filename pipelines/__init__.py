@@ -1,0 +1,1 @@
+"""Application layer: the ``anomaly`` command line, batch scoring, training and calibration."""

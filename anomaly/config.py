@@ -28,9 +28,11 @@ class PreprocessConfig:
     slice_size: int | None = None
     lower_percentile: float = 0.5
     upper_percentile: float = 99.5
+    max_value: float = 1.5
     mask_tolerance: float = 0.01
     min_slice_brain_fraction: float = 0.01
     skull_volume_ml: float = 2300.0
+    min_brain_ml: float = 20.0
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy import ndimage
 from monai.data import MetaTensor
 from monai.transforms import (
     CropForeground,
@@ -22,10 +21,10 @@ from monai.transforms import (
     SpatialResample,
     Transform,
 )
+from scipy import ndimage
 
 from anomaly.config import PreprocessConfig
 from anomaly.volume import Volume, VolumeError
-
 
 _LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
@@ -41,7 +40,7 @@ class InputSpec:
 
 @dataclass
 class PreparedVolume:
-    """A volume on the model grid: intensities in [0, 1], brain mask, the axial slices to score."""
+    """A volume on the model grid: intensities in [0, max_value] (1 = upper brain percentile), brain mask, the axial slices to score."""
 
     image: np.ndarray
     mask: np.ndarray
@@ -81,10 +80,11 @@ class BrainMask(Transform):
 
 
 class ScaleInBrain(Transform):
-    """Map the [lower, upper] percentiles of brain intensities to [0, 1], clip, zero outside the brain."""
+    """Map the [lower, upper] percentiles of brain intensities to [0, 1], clip to [0, max_value] (values
+    above 1 keep very bright lesions distinct for intensity maps; models clamp to [0, 1]), zero outside."""
 
-    def __init__(self, lower: float = 0.5, upper: float = 99.5) -> None:
-        self.lower, self.upper = lower, upper
+    def __init__(self, lower: float = 0.5, upper: float = 99.5, max_value: float = 1.5) -> None:
+        self.lower, self.upper, self.max_value = lower, upper, max_value
         self.last_range: tuple[float, float] = (0.0, 1.0)
 
     def __call__(self, img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,7 @@ class ScaleInBrain(Transform):
         if hi <= lo:
             hi = lo + 1e-6
         self.last_range = (lo, hi)
-        out = ((img - lo) / (hi - lo)).clamp(0, 1) * mask
+        out = ((img - lo) / (hi - lo)).clamp(0, self.max_value) * mask
         return out
 
 
@@ -131,14 +131,14 @@ def prepare_volume(volume: Volume, config: PreprocessConfig, spec: InputSpec) ->
     voxel_ml = float(np.prod(spacing)) / 1000.0
     brain_ml = float(mask.sum()) * voxel_ml
     warnings: list[str] = []
-    if brain_ml < 50:
+    if brain_ml < config.min_brain_ml:
         raise VolumeError(volume.path, f"no brain found (foreground of {brain_ml:.1f} mL)",
                           "check that the file holds a brain MRI with a zero or constant background")
     if brain_ml > config.skull_volume_ml:
         warnings.append(
             f"foreground of {brain_ml:.0f} mL looks like a head with skull, not a skull-stripped brain; "
             "anomaly maps assume skull-stripped input: strip the skull first (e.g. with HD-BET or SynthStrip)")
-    scale = ScaleInBrain(config.lower_percentile, config.upper_percentile)
+    scale = ScaleInBrain(config.lower_percentile, config.upper_percentile, config.max_value)
     img = scale(img, mask)
     both = MetaTensor(torch.cat([img.as_tensor(), mask.float()]), affine=img.affine)
     both = CropForeground(select_fn=lambda x: x > 0, channel_indices=1, margin=2)(both)

@@ -29,6 +29,15 @@ MAX_AXIS = 2048
 AFFINE_ATOL = 1e-3
 
 _GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_read_umask()  # what open() would give a new file; mkstemp alone gives 0o600
 _HINT_COPY_AGAIN = "the copy or download did not finish or the file is damaged: copy it again from the source"
 _HINT_NIFTI = "supply a NIfTI-1 or NIfTI-2 file (.nii or .nii.gz)"
 
@@ -158,6 +167,7 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike[st
     os.close(fd)
     try:
         nib.save(image, tmp)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -124,6 +124,7 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
     executor = executor or LocalExecutor()
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     paths = discover_inputs(inputs)
     if not paths:
         raise BatchError(f"no .nii or .nii.gz files found in {', '.join(map(str, inputs))}; "
@@ -185,6 +186,14 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
     if csv_path is not None:
         write_csv(csv_path, rows)
     return summary
+
+
+def remove_stale_temporaries(out_dir: Path) -> list[Path]:
+    """Delete temporary map files an interrupted batch left behind (finished maps are never touched)."""
+    stale = [p for kind in ("anomaly", "recon", "mask") for p in out_dir.glob(f".*_{kind}.nii*.*") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def _row(task: ScanTask, status: str, run_id: int, calibration: AppliedCalibration | None, **values: Any) -> dict[str, Any]:

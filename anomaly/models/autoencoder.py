@@ -77,6 +77,7 @@ class AutoencoderSliceModel(SliceModel):
 
     @torch.inference_mode()
     def score_slices(self, x: torch.Tensor, generator: torch.Generator | None = None) -> SliceOutput:
+        x = x.clamp(0, 1)
         with self._autocast():
             z = self.vae.encode(self._to_model(x)).latent_dist.mode()
             recon = self._from_model(self.vae.decode(z).sample)

@@ -30,7 +30,8 @@ class ModelIdentity:
 
 
 class SliceModel(ABC):
-    """Turns a batch of axial slices ``[B, 1, H, W]`` in [0, 1] (zero outside the brain) into maps."""
+    """Turns a batch of axial slices ``[B, 1, H, W]`` (1 = upper brain percentile, zero outside the brain;
+    values may exceed 1 for very bright tissue, reconstruction models clamp to [0, 1]) into maps."""
 
     name: str = "model"
     input_spec: InputSpec = InputSpec()

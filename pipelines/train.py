@@ -1,0 +1,96 @@
+"""Run a training recipe: gather healthy slices, train the VAE and/or its healer, write a model folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+
+from anomaly.models.autoencoder import MapConfig
+from anomaly.models.folder import save_model_folder
+from anomaly.preprocess import InputSpec
+from anomaly.training.common import print_logger, set_threads
+from anomaly.training.config import TrainRecipe
+from anomaly.training.data import SliceSet, build_slice_set, find_sources, matches_exclusion
+from anomaly.training.healer import train_healer
+from anomaly.training.vae import train_vae
+
+
+def input_spec(recipe: TrainRecipe) -> InputSpec:
+    return InputSpec(slice_size=recipe.data.slice_size, spacing=tuple(recipe.data.spacing))  # type: ignore[arg-type]
+
+
+def gather_slices(recipe: TrainRecipe, work: Path, progress: bool = True) -> tuple[SliceSet, SliceSet | None]:
+    """Train and validation slices of the recipe, cached in ``work/slices.pt`` (rebuilt when the data list changes)."""
+    data = recipe.data
+    key = json.dumps(asdict(data), sort_keys=True, default=list)
+    cache = work / "slices.pt"
+    if cache.is_file() and (work / "slices.key").is_file() and (work / "slices.key").read_text() == key:
+        both = torch.load(cache, weights_only=True)
+        train = SliceSet(both["train"]["images"], both["train"]["masks"], list(both["train"]["cases"]))
+        val = SliceSet(both["val"]["images"], both["val"]["masks"], list(both["val"]["cases"])) if both["val"] else None
+        return train, val
+    sources = find_sources(data.volumes, data.lesion_masks, data.all_excluded, base=data.base)
+    train_src = [s for s in sources if matches_exclusion(s.path, data.validation) is None]
+    val_src = [s for s in sources if matches_exclusion(s.path, data.validation) is not None]
+    spec = input_spec(recipe)
+    train = build_slice_set(train_src, spec, dilate_mm=data.dilate_mm, exclude=data.all_excluded, progress=progress)
+    val = build_slice_set(val_src, spec, dilate_mm=data.dilate_mm, exclude=data.all_excluded) if val_src else None
+    work.mkdir(parents=True, exist_ok=True)
+    torch.save({"train": {"images": train.images, "masks": train.masks, "cases": train.cases},
+                "val": {"images": val.images, "masks": val.masks, "cases": val.cases} if val else None}, cache)
+    (work / "slices.key").write_text(key)
+    return train, val
+
+
+def run_recipe(recipe: TrainRecipe, *, out: str | None = None, resume: bool = True, progress: bool = True) -> Path:
+    """Train the recipe's stage(s); the model folder is ``OUT/model`` (checkpoints and log beside it)."""
+    work = Path(out or recipe.out)
+    work.mkdir(parents=True, exist_ok=True)
+    log = print_logger(work / "train.log")
+    set_threads(recipe.threads)
+    train, val = gather_slices(recipe, work, progress)
+    log(f"recipe {recipe.name}: {len(train)} training slices from {len(set(train.cases))} volumes, "
+        f"{len(val) if val else 0} validation slices")
+    spec = input_spec(recipe)
+    folder = work / "model"
+    map_config = MapConfig(reference=recipe.map_reference, sign=recipe.map_sign)
+    extra = {"recipe": asdict(recipe), "training_volumes": sorted(set(train.cases))}
+    if recipe.stage in ("vae", "both"):
+        result = train_vae(train, val, recipe.vae, work, slice_size=spec.slice_size, seed=recipe.seed,
+                           resume=resume, progress=progress, log=log)
+        extra["vae_training"] = {"steps": result.step, "best_val_l1": result.best_val, "stopped": result.stopped}
+        save_model_folder(folder, result.model, name=recipe.name, input_spec=spec, map_config=map_config,
+                          extra=_json_safe(extra))
+        vae = result.model
+    else:
+        vae_dir = folder / "vae"
+        if not (vae_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{vae_dir}: no trained VAE for the healer stage; run the recipe with "
+                                    "stage: vae (or both) first, with the same out folder")
+        vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True)
+    if recipe.stage in ("healer", "both"):
+        prior = _previous_extra(folder)
+        result = train_healer(vae, train, val, recipe.healer, work, augment=recipe.vae.augment, seed=recipe.seed,
+                              resume=resume, progress=progress, log=log)
+        extra = {**prior, **extra, "healer_training": {"steps": result.step, "best_val_mse": result.best_val,
+                                                       "stopped": result.stopped}}
+        save_model_folder(folder, vae, name=recipe.name, input_spec=spec, restoration=result.model,
+                          map_config=map_config, extra=_json_safe(extra))
+    log(f"model folder written: {folder}")
+    return folder
+
+
+def _previous_extra(folder: Path) -> dict:
+    meta = folder / "anomaly_model.json"
+    if not meta.is_file():
+        return {}
+    data = json.loads(meta.read_text())
+    return {k: v for k, v in data.items() if k in ("vae_training",)}
+
+
+def _json_safe(value: object) -> dict:
+    return json.loads(json.dumps(value, default=list))

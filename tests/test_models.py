@@ -1,0 +1,112 @@
+"""Model registry and folders: real diffusers models saved and loaded in their own format."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from anomaly.models import (
+    AutoencoderSliceModel,
+    IntensityBaseline,
+    ModelLoadError,
+    available_models,
+    load_model,
+    load_model_folder,
+    weights_hash,
+)
+from anomaly.preprocess import InputSpec
+
+
+def _slices(n: int = 3, size: int = 64) -> torch.Tensor:
+    x = torch.zeros(n, 1, size, size)
+    x[:, :, 12:52, 10:54] = 0.6
+    x[:, :, 30:36, 30:36] = 1.0
+    return x
+
+
+def test_folder_round_trip_gives_identical_maps(tiny_vae_folder: Path) -> None:
+    model = load_model(tiny_vae_folder)
+    assert isinstance(model, AutoencoderSliceModel)
+    assert model.input_spec == InputSpec(slice_size=64, spacing=(1.0, 1.0, 1.0))
+    vae = AutoencoderKL.from_pretrained(tiny_vae_folder / "vae")
+    x = _slices()
+    out = model.score_slices(x)
+    with torch.no_grad():
+        ref = ((vae.decode(vae.encode(x * 2 - 1).latent_dist.mode()).sample + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(out.reconstruction, ref, atol=5e-4, rtol=0)  # channels-last kernels
+    torch.testing.assert_close(out.anomaly, (x - ref).abs(), atol=5e-4, rtol=0)
+
+
+def test_weights_hash_follows_the_weights(tiny_vae_folder: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_vae_folder, copy)
+    assert weights_hash(copy) == weights_hash(tiny_vae_folder)
+    vae = AutoencoderKL.from_pretrained(copy / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.1)
+    vae.save_pretrained(copy / "vae")
+    assert weights_hash(copy) != weights_hash(tiny_vae_folder)
+    assert load_model(copy).identity().weights_hash == weights_hash(copy)
+
+
+def test_plain_diffusers_folder_with_three_channels(tmp_path: Path) -> None:
+    """A Stable-Diffusion-style RGB VAE folder: grey is repeated to RGB and averaged back."""
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4)
+    vae.save_pretrained(tmp_path / "rgb")
+    model = load_model_folder(tmp_path / "rgb", force_fp32=True)
+    assert model.in_channels == 3 and model.precision == "fp32"
+    out = model.score_slices(_slices(2))
+    assert out.anomaly.shape == (2, 1, 64, 64) and out.reconstruction.shape == (2, 1, 64, 64)
+    assert model.input_spec.slice_size % 8 == 0
+
+
+def test_bf16_runs_and_stays_close(tiny_vae_folder: Path) -> None:
+    fp32 = load_model(tiny_vae_folder).score_slices(_slices()).anomaly
+    bf16 = load_model(tiny_vae_folder, precision="bf16").score_slices(_slices()).anomaly
+    assert (bf16 - fp32).abs().mean() < 0.05
+
+
+def test_restoration_stage_is_part_of_the_folder(tiny_healer_folder: Path) -> None:
+    model = load_model(tiny_healer_folder)
+    assert model.restoration is not None
+    meta = json.loads((tiny_healer_folder / "anomaly_model.json").read_text())
+    assert meta["restoration"] == "healer"
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = model.score_slices(_slices(), generator=g1)
+    b = model.score_slices(_slices(), generator=g2)
+    assert (a.anomaly >= 0).all()
+    torch.testing.assert_close(a.anomaly, b.anomaly)
+    assert model.identity().config["restoration"]["t0"] == 200
+
+
+def test_intensity_baseline_map_is_the_input() -> None:
+    x = _slices()
+    assert torch.equal(IntensityBaseline().score_slices(x).anomaly, x)
+    assert load_model("intensity").identity().weights_hash == "none"
+
+
+def test_absent_weights_say_what_to_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANOMALY_MODELS_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(ModelLoadError, match="diffusion_pytorch_model.safetensors"):
+        load_model("sdxl-vae")
+    with pytest.raises(ModelLoadError, match="anomaly models import"):
+        load_model("medical-vae")
+    with pytest.raises(ModelLoadError, match="unknown model"):
+        load_model("no-such-model")
+    names = {row[0]: row[2] for row in available_models()}
+    assert names["sd-vae-ft-mse"] is None and names["intensity"] == "built in"
+
+
+def test_named_model_found_in_models_dir(tiny_vae_folder: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANOMALY_MODELS_DIR", str(tmp_path))
+    shutil.copytree(tiny_vae_folder, tmp_path / "sd-vae-ft-mse")
+    model = load_model("sd-vae-ft-mse")
+    assert model.name == "sd-vae-ft-mse"

@@ -20,6 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     imp.add_argument("checkpoint", metavar="FILE.pt")
     imp.add_argument("--out", metavar="DIR", help="output folder (default: the models folder /medical-vae)")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     imp.set_defaults(func=run_import)
     p.set_defaults(func=run_list)
 
@@ -32,13 +33,17 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from anomaly.models.ldm_import import import_ldm_checkpoint
+    from anomaly.models.ldm_import import LDMImportError, import_ldm_checkpoint
+    from anomaly.models.safe_unpickle import CheckpointFormatError
 
     source = Path(args.checkpoint).expanduser()
     if not source.is_file():
         raise UserError(f"{source}: checkpoint not found; give the path of VAE-Medical-klf8.pt")
     out = Path(args.out).expanduser() if args.out else models_dir() / "medical-vae"
-    report = import_ldm_checkpoint(source, out)
+    try:
+        report = import_ldm_checkpoint(source, out, overwrite=args.overwrite)
+    except (LDMImportError, CheckpointFormatError) as exc:
+        raise UserError(str(exc)) from exc
     print(f"imported {report.n_used} tensors into {out} (dropped: {', '.join(report.dropped_prefixes) or 'none'})")
     print("use it with: anomaly score ... --model " + ("medical-vae" if out == models_dir() / "medical-vae" else str(out)))
     return 0

@@ -25,5 +25,10 @@ def run(args: argparse.Namespace) -> int:
 
     manifest = make_sample_data(Path(args.out), include_colin=not args.no_colin, n_lesion_copies=args.copies,
                                 seed=args.seed)
-    print(manifest.summary() if hasattr(manifest, "summary") else manifest)
+    print(f"sample data in {manifest.out_dir}: {len(manifest.healthy)} healthy brains (healthy/), "
+          f"{len(manifest.lesions)} with synthetic lesions (lesions/), ground-truth masks (labels/)")
+    for note in manifest.notes:
+        print(f"note: {note}")
+    if manifest.evaluation_only:
+        print("Colin27 files are for evaluation only: never train on them (see README.txt there)")
     return 0

@@ -23,7 +23,9 @@ from anomaly.volume import Volume, VolumeError, load_volume, save_nifti
 
 @dataclass(frozen=True)
 class ScanTask:
-    """One input file and where its outputs go (``<stem>_anomaly.nii.gz`` etc. in ``out_dir``)."""
+    """One input file and where its outputs go in ``out_dir``: ``<stem>_anomaly.nii.gz`` (map),
+    ``<stem>_brain.nii.gz`` (the scored brain mask: calibration and evaluation count voxels inside it),
+    ``<stem>_recon.nii.gz`` (reconstruction) and ``<stem>_mask.nii.gz`` (calibrated findings mask)."""
 
     path: Path
     stem: str
@@ -108,6 +110,7 @@ def finish_scan(loaded: Loaded, model: SliceModel, settings: ScoringSettings,
                            "brain_volume_ml": loaded.prepared.brain_volume_ml,
                            "n_slices": int(len(loaded.prepared.slices))}
         outcome.map_path = str(save_nifti(maps.anomaly, volume.affine, task.output("anomaly")))
+        save_nifti(maps.brain_mask.astype(np.uint8), volume.affine, task.output("brain"), dtype=np.uint8)
         if maps.reconstruction is not None:
             outcome.recon_path = str(save_nifti(maps.reconstruction, volume.affine, task.output("recon")))
         if calibration is not None:
@@ -146,3 +149,9 @@ def score_scan(task: ScanTask, model: SliceModel, settings: ScoringSettings,
                calibration: AppliedCalibration | None = None, atlas: Any = None) -> ScanOutcome:
     """The whole per-scan work in one call (what a remote worker runs)."""
     return finish_scan(load_and_prepare(task, model, settings), model, settings, calibration, atlas)
+
+
+def brain_mask_path(map_path: str | Path) -> Path:
+    """The scored brain mask written beside a map (``<stem>_anomaly`` -> ``<stem>_brain``)."""
+    path = Path(map_path)
+    return path.with_name(path.name.replace("_anomaly.nii", "_brain.nii"))

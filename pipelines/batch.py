@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from anomaly.config import ScoringSettings
 from anomaly.models.base import SliceModel
+from anomaly.outputs import KINDS
 from anomaly.store import (
     Store,
     finish_run,
@@ -190,7 +191,7 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
 
 def remove_stale_temporaries(out_dir: Path) -> list[Path]:
     """Delete temporary map files an interrupted batch left behind (finished maps are never touched)."""
-    stale = [p for kind in ("anomaly", "brain", "recon", "mask") for p in out_dir.glob(f".*_{kind}.nii*.*") if p.is_file()]
+    stale = [p for kind in KINDS for p in out_dir.glob(f".*_{kind}.nii*.*") if p.is_file()]
     for path in stale:
         path.unlink(missing_ok=True)
     return stale

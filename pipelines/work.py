@@ -16,6 +16,7 @@ import numpy as np
 
 from anomaly.config import ScoringSettings
 from anomaly.models.base import SliceModel
+from anomaly.outputs import output_path
 from anomaly.preprocess import PreparedVolume, prepare_volume
 from anomaly.scoring import ScanMaps, score_prepared
 from anomaly.volume import Volume, VolumeError, load_volume, save_nifti
@@ -23,9 +24,7 @@ from anomaly.volume import Volume, VolumeError, load_volume, save_nifti
 
 @dataclass(frozen=True)
 class ScanTask:
-    """One input file and where its outputs go in ``out_dir``: ``<stem>_anomaly.nii.gz`` (map),
-    ``<stem>_brain.nii.gz`` (the scored brain mask: calibration and evaluation count voxels inside it),
-    ``<stem>_recon.nii.gz`` (reconstruction) and ``<stem>_mask.nii.gz`` (calibrated findings mask)."""
+    """One input file and where its outputs go in ``out_dir`` (names in :mod:`anomaly.outputs`)."""
 
     path: Path
     stem: str
@@ -33,7 +32,7 @@ class ScanTask:
     out_dir: Path
 
     def output(self, kind: str) -> Path:
-        return self.out_dir / f"{self.stem}_{kind}.nii.gz"
+        return output_path(self.out_dir, self.stem, kind)
 
 
 @dataclass(frozen=True)
@@ -150,8 +149,3 @@ def score_scan(task: ScanTask, model: SliceModel, settings: ScoringSettings,
     """The whole per-scan work in one call (what a remote worker runs)."""
     return finish_scan(load_and_prepare(task, model, settings), model, settings, calibration, atlas)
 
-
-def brain_mask_path(map_path: str | Path) -> Path:
-    """The scored brain mask written beside a map (``<stem>_anomaly`` -> ``<stem>_brain``)."""
-    path = Path(map_path)
-    return path.with_name(path.name.replace("_anomaly.nii", "_brain.nii"))

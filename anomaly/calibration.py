@@ -1,0 +1,389 @@
+"""Thresholds as first-class objects: calibrated on healthy scans (target false-positive rate) or on
+labelled scans (best pooled Dice), with bootstrap confidence intervals, saved beside a model.
+
+Threshold rule everywhere: a voxel (or scan) is positive when its score is ``>= threshold``.
+
+Healthy calibration, voxel level: with the ``N`` brain voxels of all healthy scans pooled and
+``k = floor(target_fpr * N)`` exceedances allowed, the threshold is the smallest pooled value ``t``
+with ``#{v >= t} <= k``; when even the maximum is tied more than ``k`` times it is the next float
+above the maximum. The achieved rate ``#{v >= t} / N`` is therefore never above the target and falls
+short of it by less than the share of voxels tied at the value just below ``t`` (``1 / N`` without ties). The scan threshold follows the same rule on the healthy scan scores.
+
+Refusals (:class:`CalibrationError`): ``target_fpr`` outside (0, 0.5]; fewer than
+``MIN_VOXEL_EXCEEDANCES`` expected false-positive voxels (``N * target_fpr``); a scan-level target with
+``n_scans * scan_target_fpr < 1`` (no healthy scan would be allowed above the threshold, so the rate
+is not estimable); a bootstrap asked for on fewer than ``MIN_BOOTSTRAP_SCANS`` scans.
+
+Bootstrap: scans are drawn with replacement ``n_bootstrap`` times; each draw recomputes both
+thresholds on its pooled voxels and scores by the rule above; the 95 % interval is the 2.5 and 97.5
+percentiles of the draws. Only the voxels at or above the lowest per-scan upper quantile can decide
+any draw's threshold (proved in :func:`_tail_floor`), so each draw costs a pass over that tail only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anomaly.metrics import RankedScores, auroc, cast_thresholds
+
+METHODS = ("healthy-fpr", "labelled-dice")
+MIN_VOXEL_EXCEEDANCES = 100
+MIN_BOOTSTRAP_SCANS = 2
+DEFAULT_SENSITIVITIES = (0.5, 0.8, 0.9, 0.95)
+
+
+class CalibrationError(ValueError):
+    """A calibration that cannot be done with the data given; the message says what to change."""
+
+
+@dataclass
+class CalibrationResult:
+    """A calibrated threshold pair and the evidence behind it, stored with the model it belongs to."""
+
+    method: str
+    voxel_threshold: float
+    scan_threshold: float | None = None
+    target_fpr: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise CalibrationError(f"calibration method {self.method!r} is unknown; use one of {METHODS}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary (non-finite numbers become ``None``)."""
+        return _jsonable({
+            "method": self.method,
+            "voxel_threshold": self.voxel_threshold,
+            "scan_threshold": self.scan_threshold,
+            "target_fpr": self.target_fpr,
+            "metrics": self.metrics,
+        })
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CalibrationResult:
+        """Inverse of :meth:`to_dict`; names the missing key when the dictionary is incomplete."""
+        missing = [key for key in ("method", "voxel_threshold") if key not in data]
+        if missing:
+            raise CalibrationError(f"calibration dictionary lacks {missing}; it was not written by to_dict()")
+        scan = data.get("scan_threshold")
+        target = data.get("target_fpr")
+        return cls(
+            method=str(data["method"]),
+            voxel_threshold=float(data["voxel_threshold"]),
+            scan_threshold=None if scan is None else float(scan),
+            target_fpr=None if target is None else float(target),
+            metrics=dict(data.get("metrics") or {}),
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write as JSON atomically (temporary file, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(self.to_dict(), handle, indent=2, allow_nan=False)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CalibrationResult:
+        """Read a JSON file written by :meth:`save`."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CalibrationError(f"{path}: cannot be read as a calibration file ({exc}); "
+                                   "run the calibration again to write it") from exc
+        return cls.from_dict(data)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [_jsonable(v) for v in value.tolist()]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def apply_threshold(score_map: np.ndarray, brain_mask: np.ndarray | None, threshold: float) -> np.ndarray:
+    """Boolean anomaly mask: ``score_map >= threshold`` inside ``brain_mask`` (whole volume when None).
+
+    The comparison is exact for float32 maps too (the threshold is never rounded down to float32).
+    """
+    scores = np.asarray(score_map)
+    out = scores >= cast_thresholds(np.asarray(threshold, dtype=np.float64), scores.dtype)
+    if brain_mask is not None:
+        mask = np.asarray(brain_mask, dtype=bool)
+        if mask.shape != scores.shape:
+            raise ValueError(f"apply_threshold: brain mask shape {mask.shape} differs from map shape {scores.shape}")
+        out &= mask
+    return out
+
+
+def _check_rate(rate: float, what: str) -> float:
+    if not isinstance(rate, (int, float, np.floating)) or not 0.0 < float(rate) <= 0.5:
+        raise CalibrationError(f"{what} = {rate!r} must lie in (0, 0.5]; e.g. 0.01 for one false-positive "
+                               "voxel in a hundred")
+    return float(rate)
+
+
+def _allowed(rate: float, n: int) -> int:
+    """``floor(rate * n)`` robust to the binary rounding of ``rate`` (0.07 * 100 is 7, not 7.000000000000001)."""
+    return int(math.floor(rate * n * (1.0 + 1e-12)))
+
+
+def _iter_brain_values(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]
+                       ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield ``(index, brain mask, brain voxel values)`` per scan, validated (shapes, non-empty, finite)."""
+    if len(maps) != len(masks):
+        raise CalibrationError(f"{len(maps)} maps but {len(masks)} brain masks; pass one mask per map")
+    if not maps:
+        raise CalibrationError("no scans given; calibration needs at least one scored scan")
+    for i, (score_map, brain) in enumerate(zip(maps, masks, strict=True)):
+        score_map = np.asarray(score_map)
+        brain = np.asarray(brain, dtype=bool)
+        if score_map.shape != brain.shape:
+            raise CalibrationError(f"scan #{i}: map shape {score_map.shape} differs from brain mask shape "
+                                   f"{brain.shape}; pass the mask on the map's grid")
+        inside = score_map[brain]
+        if inside.size == 0:
+            raise CalibrationError(f"scan #{i}: the brain mask is empty; check the mask or leave the scan out")
+        if inside.dtype.kind != "f" or inside.dtype.itemsize < 4:
+            inside = inside.astype(np.float32)
+        if not np.isfinite(inside).all():
+            raise CalibrationError(f"scan #{i}: the map holds NaN or infinite values inside the brain; "
+                                   "score the scan again or clean the map")
+        yield i, brain, inside
+
+
+def _kth_largest(values: np.ndarray, k: int) -> float:
+    """The ``k``-th largest value (1-based), in linear time."""
+    index = values.size - k
+    return float(np.partition(values, index)[index])
+
+
+def _tail_floor(values: list[np.ndarray], rate: float) -> float:
+    """Lowest per-scan ``(floor(rate * n_s) + 1)``-th largest value.
+
+    For any multiset of these scans (a bootstrap draw, or all of them), every scan has more than
+    ``rate * n_s`` values at or above this floor, so the pooled count at or above it exceeds
+    ``floor(rate * N)``: the ``(k + 1)``-th largest pooled value, which fixes the threshold, lies at or
+    above the floor, and voxels below it can be dropped.
+    """
+    return min(_kth_largest(v, _allowed(rate, v.size) + 1) for v in values)
+
+
+class _Tail:
+    """Pooled values at or above the tail floor, sorted descending, with the scan each came from."""
+
+    def __init__(self, values: list[np.ndarray], floor: float) -> None:
+        parts = [v[v >= floor] for v in values]
+        order_values = np.concatenate(parts)
+        scan_ids = np.concatenate([np.full(p.size, i, dtype=np.int32) for i, p in enumerate(parts)])
+        order = np.argsort(-order_values, kind="stable")
+        self.values = order_values[order]
+        self.scan_ids = scan_ids[order]
+        self.sizes = np.array([v.size for v in values], dtype=np.int64)
+
+    def threshold(self, weights: np.ndarray, rate: float) -> tuple[float, int, int]:
+        """``(threshold, exceedances, n_voxels)`` for scans repeated ``weights`` times each."""
+        n_total = int(np.dot(weights, self.sizes))
+        k = _allowed(rate, n_total)
+        per_voxel = weights[self.scan_ids]
+        cumulative = np.cumsum(per_voxel)
+        i = int(np.searchsorted(cumulative, k + 1, side="left"))  # the (k+1)-th largest value
+        boundary = self.values[i]
+        start = int(np.searchsorted(-self.values, -boundary, side="left"))  # first of its ties
+        present = np.flatnonzero(per_voxel[:start] > 0)
+        if present.size:
+            j = int(present[-1])
+            return float(self.values[j]), int(cumulative[j]), n_total
+        return float(np.nextafter(self.values.dtype.type(boundary), self.values.dtype.type(np.inf))), 0, n_total
+
+
+def _score_threshold(scores: np.ndarray, rate: float) -> tuple[float, int]:
+    """Smallest score ``t`` with ``#{s >= t} <= floor(rate * n)`` (next float above the max if none)."""
+    k = _allowed(rate, scores.size)
+    ordered = np.sort(scores)[::-1]
+    boundary = ordered[k] if k < ordered.size else -np.inf
+    above = ordered[ordered > boundary]
+    if above.size:
+        return float(above[-1]), int(above.size)
+    return float(np.nextafter(ordered[0], np.inf)), 0
+
+
+def _percentile_ci(draws: np.ndarray) -> list[float]:
+    return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
+
+
+def calibrate_healthy(
+    maps: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    scan_scores: Sequence[float],
+    target_fpr: float,
+    scan_target_fpr: float | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> CalibrationResult:
+    """Voxel (and optionally scan) thresholds whose false-positive rate on healthy scans is at most the target.
+
+    ``maps``/``masks`` are the healthy anomaly maps and their brain masks (same shapes), ``scan_scores``
+    one score per scan. See the module docstring for the exact threshold rule, refusals and bootstrap.
+    """
+    target_fpr = _check_rate(target_fpr, "target_fpr")
+    if scan_target_fpr is not None:
+        scan_target_fpr = _check_rate(scan_target_fpr, "scan_target_fpr")
+    values = [inside for _, _, inside in _iter_brain_values(maps, masks)]
+    n_scans = len(values)
+    scores = np.asarray(scan_scores, dtype=np.float64).reshape(-1)
+    if scores.size != n_scans:
+        raise CalibrationError(f"{scores.size} scan scores for {n_scans} maps; pass one score per scan")
+    if not np.isfinite(scores).all():
+        raise CalibrationError("scan scores hold NaN or infinite values; score the scans again")
+    n_voxels = int(sum(v.size for v in values))
+    if n_voxels * target_fpr < MIN_VOXEL_EXCEEDANCES:
+        needed = math.ceil(MIN_VOXEL_EXCEEDANCES / target_fpr)
+        raise CalibrationError(
+            f"too few healthy brain voxels for target_fpr={target_fpr:g}: {n_voxels} voxels give "
+            f"{n_voxels * target_fpr:.1f} expected false positives, at least {MIN_VOXEL_EXCEEDANCES} are needed "
+            f"({needed} voxels); add healthy scans or raise target_fpr")
+    if scan_target_fpr is not None and n_scans * scan_target_fpr < 1.0 - 1e-9:
+        needed = math.ceil(1.0 / scan_target_fpr - 1e-9)
+        raise CalibrationError(
+            f"too few healthy scans for scan_target_fpr={scan_target_fpr:g}: {n_scans} scans, at least "
+            f"{needed} are needed so that one healthy scan may lie above the threshold; add healthy scans "
+            "or raise scan_target_fpr")
+    if n_bootstrap and n_scans < MIN_BOOTSTRAP_SCANS:
+        raise CalibrationError(
+            f"a bootstrap needs at least {MIN_BOOTSTRAP_SCANS} healthy scans, {n_scans} given; add scans "
+            "or pass n_bootstrap=0 to skip the confidence intervals")
+    if n_bootstrap < 0:
+        raise CalibrationError(f"n_bootstrap={n_bootstrap} must be 0 (no intervals) or positive")
+
+    tail = _Tail(values, _tail_floor(values, target_fpr))
+    del values
+    ones = np.ones(n_scans, dtype=np.int64)
+    voxel_threshold, exceed, _ = tail.threshold(ones, target_fpr)
+    metrics: dict[str, Any] = {
+        "n_scans": n_scans,
+        "n_voxels": n_voxels,
+        "target_fpr": target_fpr,
+        "achieved_fpr": exceed / n_voxels,
+        "n_false_positive_voxels": exceed,
+        "threshold_rule": "smallest pooled brain value t with #(v >= t) <= floor(target_fpr * n_voxels)",
+    }
+    scan_threshold = None
+    if scan_target_fpr is not None:
+        scan_threshold, scan_exceed = _score_threshold(scores, scan_target_fpr)
+        metrics.update(scan_target_fpr=scan_target_fpr, achieved_scan_fpr=scan_exceed / n_scans)
+
+    if n_bootstrap:
+        rng = np.random.default_rng(seed)
+        voxel_draws = np.empty(n_bootstrap)
+        scan_draws = np.empty(n_bootstrap)
+        for b in range(n_bootstrap):
+            drawn = rng.integers(0, n_scans, n_scans)
+            weights = np.bincount(drawn, minlength=n_scans).astype(np.int64)
+            voxel_draws[b] = tail.threshold(weights, target_fpr)[0]
+            if scan_target_fpr is not None:
+                scan_draws[b] = _score_threshold(scores[drawn], scan_target_fpr)[0]
+        metrics.update(n_bootstrap=n_bootstrap, seed=seed, voxel_threshold_ci=_percentile_ci(voxel_draws),
+                       voxel_threshold_bootstrap_std=float(voxel_draws.std()),
+                       ci_method="95% percentile bootstrap over scans drawn with replacement")
+        if scan_target_fpr is not None:
+            metrics["scan_threshold_ci"] = _percentile_ci(scan_draws)
+    return CalibrationResult("healthy-fpr", voxel_threshold, scan_threshold, target_fpr, metrics)
+
+
+def _youden_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Scan threshold maximising sensitivity + specificity - 1 (the highest on ties) and that value."""
+    ranked = RankedScores(scores[labels], scores[~labels])
+    thresholds, tp, fp = ranked.curve()
+    youden = tp / ranked.n_pos - fp / ranked.n_neg
+    i = int(np.argmax(youden))
+    return float(thresholds[i]), float(youden[i])
+
+
+def calibrate_labelled(
+    maps: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    scan_scores: Sequence[float] | None = None,
+    sensitivities: Sequence[float] = DEFAULT_SENSITIVITIES,
+) -> CalibrationResult:
+    """Voxel threshold with the best pooled Dice on labelled scans, plus fixed-sensitivity operating points.
+
+    Voxels are pooled inside the brain masks (lesion voxels outside a mask are ignored and counted).
+    With ``scan_scores``, a scan is abnormal when it holds a lesion voxel in its mask; the scan
+    threshold maximises Youden's J when both kinds of scan are present, and is left out otherwise.
+    """
+    if len(labels) != len(maps):
+        raise CalibrationError(f"{len(maps)} maps but {len(labels)} label maps; pass one label map per scan")
+    positives, negatives, scan_truth = [], [], []
+    outside = 0
+    for i, brain, inside_values in _iter_brain_values(maps, masks):
+        lesion = np.asarray(labels[i])
+        lesion = lesion if lesion.dtype == bool else lesion != 0
+        if lesion.shape != brain.shape:
+            raise CalibrationError(f"scan #{i}: label shape {lesion.shape} differs from map shape {brain.shape}; "
+                                   "pass the labels on the map's grid")
+        inside = lesion[brain]
+        outside += int(np.count_nonzero(lesion & ~brain))
+        positives.append(inside_values[inside])
+        negatives.append(inside_values[~inside])
+        scan_truth.append(bool(inside.any()))
+    ranked = RankedScores.from_parts(positives, negatives)
+    del positives, negatives
+    if ranked.n_pos == 0:
+        raise CalibrationError("the labelled set holds no lesion voxels inside the brain masks; labelled "
+                               "calibration needs scans with lesion labels (use calibrate_healthy for healthy scans)")
+    best, threshold = ranked.best_dice()
+    metrics: dict[str, Any] = {
+        "n_scans": len(maps),
+        "n_voxels": ranked.n_pos + ranked.n_neg,
+        "n_lesion_voxels": ranked.n_pos,
+        "n_lesion_voxels_outside_mask": outside,
+        "best_dice": best,
+        "operating_point": ranked.operating_point(threshold),
+        "operating_points": [
+            {"target_sensitivity": float(s), **ranked.operating_point(ranked.threshold_for_sensitivity(s))}
+            for s in sensitivities
+        ],
+    }
+    if ranked.n_neg:
+        metrics["voxel_auroc"] = ranked.auroc()
+    metrics["voxel_auprc"] = ranked.auprc()
+    scan_threshold = None
+    if scan_scores is not None:
+        scores = np.asarray(scan_scores, dtype=np.float64).reshape(-1)
+        truth = np.asarray(scan_truth, dtype=bool)
+        if scores.size != truth.size:
+            raise CalibrationError(f"{scores.size} scan scores for {truth.size} maps; pass one score per scan")
+        metrics["n_abnormal_scans"] = int(truth.sum())
+        if truth.all() or not truth.any():
+            metrics["scan_threshold_note"] = "scan threshold needs both abnormal and normal scans"
+        else:
+            scan_threshold, youden = _youden_threshold(scores, truth)
+            metrics.update(scan_auroc=auroc(scores, truth), scan_youden_j=youden)
+    return CalibrationResult("labelled-dice", threshold, scan_threshold, None, metrics)

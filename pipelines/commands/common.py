@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from anomaly.store import Store, default_db_url, normalize_db_url, open_store
+if TYPE_CHECKING:
+    from anomaly.store import Store
 
 
 class UserError(RuntimeError):
@@ -22,6 +24,8 @@ def add_model_option(parser: argparse.ArgumentParser, default: str = "default") 
 
 
 def store_from(args: argparse.Namespace) -> Store:
+    from anomaly.store import default_db_url, normalize_db_url, open_store
+
     return open_store(normalize_db_url(args.db) if args.db else default_db_url())
 
 

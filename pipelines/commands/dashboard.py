@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from anomaly.store import default_db_url, normalize_db_url
 from pipelines.commands.common import UserError, add_db_option, new_parser
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
@@ -41,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
         import streamlit  # noqa: F401
     except ImportError as exc:
         raise UserError("Streamlit is not installed: pip install 'brain-anomaly[dashboard]'") from exc
+    from anomaly.store import default_db_url, normalize_db_url
+
     url = normalize_db_url(args.db) if args.db else default_db_url()
     env = dict(os.environ, ANOMALY_DB=url)
     print(f"dashboard: http://{args.host}:{args.port}  (database {url}; Ctrl-C to stop)", flush=True)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from anomaly.store import findings_table, results_table, reviews_table
-from pipelines.batch import write_csv
 from pipelines.commands.common import add_db_option, new_parser, store_from
 
-TABLES = {"results": results_table, "findings": findings_table, "reviews": reviews_table}
+TABLES = ("results", "findings", "reviews")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,15 +16,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_db_option(p)
     p.add_argument("--csv", required=True, metavar="FILE", help="output CSV file")
     p.add_argument("--run", type=int, metavar="ID", help="only this run (default: all runs)")
-    p.add_argument("--table", choices=tuple(TABLES), default="results", help="what to export (default: results)")
+    p.add_argument("--table", choices=TABLES, default="results", help="what to export (default: results)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from anomaly import store as st
+    from pipelines.batch import write_csv
+
     store = store_from(args)
     try:
         with store.session() as s:
-            rows = TABLES[args.table](s, args.run)
+            rows = getattr(st, f"{args.table}_table")(s, args.run)
     finally:
         store.close()
     path = write_csv(Path(args.csv), rows)

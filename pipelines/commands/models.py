@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from anomaly.models import available_models, models_dir
 from pipelines.commands.common import UserError, new_parser
 
 
@@ -26,6 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
+    from anomaly.models import available_models, models_dir
+
     print(f"models folder: {models_dir()}  (set ANOMALY_MODELS_DIR to change)")
     for name, description, where in available_models():
         print(f"  {name:15s} {'ready' if where else 'absent':7s} {description}" + (f"\n  {'':15s} {'':7s} {where}" if where and where != "built in" else ""))
@@ -33,6 +34,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
+    from anomaly.models import models_dir
     from anomaly.models.ldm_import import LDMImportError, import_ldm_checkpoint
     from anomaly.models.safe_unpickle import CheckpointFormatError
 

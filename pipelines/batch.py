@@ -96,8 +96,47 @@ class BatchSummary:
         return self.count("failed")
 
 
-def resolve_calibration(store: Store, ref: str | None, model_id: int) -> tuple[int | None, AppliedCalibration | None]:
-    """Look a calibration up by ``name`` or ``name@version`` and check it belongs to this model."""
+MAP_NEUTRAL_SETTINGS = frozenset({"batch_size", "save_reconstruction"})
+"""Scoring settings that change speed or extra outputs, never the anomaly map a threshold applies to."""
+
+
+def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(values, dict):
+        return {prefix.rstrip("."): values}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
+def calibration_settings_problem(cal: Any, settings_hash: str, settings: dict[str, Any] | None = None) -> str | None:
+    """Why a stored calibration does not fit maps made with these settings (None when it does).
+
+    Thresholds only hold for maps made the same way. When the calibration stored its settings, those
+    that change maps are compared one by one (``MAP_NEUTRAL_SETTINGS`` are not) and the differing ones
+    named; otherwise the settings hashes are compared.
+    """
+    stored = (cal.data or {}).get("settings") if isinstance(cal.data, dict) else None
+    detail = ""
+    if isinstance(stored, dict) and settings is not None:
+        old, new = _flat(stored), _flat(settings)
+        changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                   if k not in MAP_NEUTRAL_SETTINGS and old.get(k) != new.get(k)]
+        if not changed:
+            return None
+        detail = f" ({'; '.join(changed)})"
+    elif not cal.settings_hash or cal.settings_hash == settings_hash:
+        return None
+    return (f"calibration {cal.name}@{cal.version} was made on maps scored with other settings (settings hash "
+            f"{cal.settings_hash}, here {settings_hash}){detail}; its thresholds do not hold for these maps: "
+            "score with the same --config/--precision as the calibration, or calibrate again with these "
+            "settings (--force-calibration applies it anyway)")
+
+
+def resolve_calibration(store: Store, ref: str | None, model_id: int, settings: ScoringSettings | None = None,
+                        *, force: bool = False) -> tuple[int | None, AppliedCalibration | None]:
+    """Look a calibration up by ``name`` or ``name@version``; check it belongs to this model and, given
+    ``settings``, that it was made on maps scored with the same settings (refused unless ``force``)."""
     if ref is None:
         return None, None
     name, version = parse_calibration_ref(ref)
@@ -109,6 +148,12 @@ def resolve_calibration(store: Store, ref: str | None, model_id: int) -> tuple[i
         if cal.model_id != model_id:
             raise BatchError(f"calibration {ref!r} was made for another model (model id {cal.model_id}); "
                              "calibrate this model first")
+        if settings is not None:
+            problem = calibration_settings_problem(cal, settings.hash(), settings.to_dict())
+            if problem and not force:
+                raise BatchError(problem)
+            if problem:
+                print(f"warning: {problem}", file=sys.stderr)
         min_ml = float((cal.data or {}).get("min_volume_ml", 0.05)) if isinstance(cal.data, dict) else 0.05
         return cal.id, AppliedCalibration(name=f"{cal.name}@{cal.version}", voxel_threshold=cal.voxel_threshold,
                                           scan_threshold=cal.scan_threshold, min_volume_ml=min_ml)
@@ -118,7 +163,8 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
                 store: Store, settings: ScoringSettings | None = None, *, calibration: str | None = None,
                 executor: Executor | None = None, csv_path: str | os.PathLike[str] | None = None,
                 progress: bool = True, atlas: Any = None,
-                on_outcome: Callable[[ScanOutcome], None] | None = None) -> BatchSummary:
+                on_outcome: Callable[[ScanOutcome], None] | None = None,
+                force_calibration: bool = False) -> BatchSummary:
     """Score every input into ``out_dir`` and ``store``; returns the per-file rows written to the CSV."""
     started = time.perf_counter()
     settings = settings or ScoringSettings()
@@ -134,7 +180,7 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
     with store.session() as s:
         model_row = get_or_create_model(s, identity.name, identity.weights_hash, identity.config)
         model_id = model_row.id
-    calibration_id, applied = resolve_calibration(store, calibration, model_id)
+    calibration_id, applied = resolve_calibration(store, calibration, model_id, settings, force=force_calibration)
     with store.session() as s:
         run = open_run(s, model_id, settings.to_dict(), settings.hash(), out, calibration_id, executor.name)
         run_id = run.id
@@ -164,7 +210,7 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
             tasks.append(task)
             rows.append({})  # placeholder, filled in input order below
 
-    slots = iter(i for i, r in enumerate(rows) if not r)
+    slot_of = {t.content_hash: i for i, t in zip((i for i, r in enumerate(rows) if not r), tasks, strict=True)}
     for outcome in _bar(executor.map(tasks, model, settings, applied, atlas), progress, "scoring", total=len(tasks)):
         with store.session() as s:
             scan = get_or_create_scan(s, outcome.task.content_hash, outcome.task.path, outcome.task.stem,
@@ -173,7 +219,7 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
                           error=outcome.error, score=outcome.score, flagged=outcome.flagged,
                           map_path=outcome.map_path, recon_path=outcome.recon_path, mask_path=outcome.mask_path,
                           timing_s=outcome.timing_s, details=outcome.details, findings=outcome.findings)
-        rows[next(slots)] = _row(outcome.task, outcome.status, run_id, applied, score=outcome.score,
+        rows[slot_of[outcome.task.content_hash]] = _row(outcome.task, outcome.status, run_id, applied, score=outcome.score,
                                  map_path=outcome.map_path, error=outcome.error, flagged=outcome.flagged,
                                  mask_path=outcome.mask_path, recon_path=outcome.recon_path,
                                  n_findings=len(outcome.findings), timing_s=outcome.timing_s,

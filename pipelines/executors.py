@@ -13,7 +13,7 @@ from pipelines.work import AppliedCalibration, Loaded, ScanOutcome, ScanTask, fi
 
 
 class Executor(Protocol):
-    """Anything that turns tasks into outcomes (local threads now, a cluster engine later)."""
+    """Anything that turns tasks into outcomes, in any order (local threads, a Dask cluster)."""
 
     name: str
 

@@ -25,6 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
     p.add_argument("--no-recon", action="store_true", help="do not write <name>_recon.nii.gz")
     p.add_argument("--atlas", default="aal", help="atlas for finding regions (aal, harvard-oxford, none)")
+    p.add_argument("--executor", choices=("local", "dask"), default="local",
+                   help="local: this process, reading ahead in threads; dask: a Dask cluster")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler address (default: a local cluster)")
+    p.add_argument("--workers", type=int, default=2, help="workers of the local Dask cluster (default 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -39,11 +43,20 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def make_executor(args: argparse.Namespace) -> object:
+    if args.executor == "dask":
+        from pipelines.dask_executor import DaskExecutor
+
+        return DaskExecutor(address=args.scheduler, n_workers=args.workers)
+    from pipelines.executors import LocalExecutor
+
+    return LocalExecutor()
+
+
 def run(args: argparse.Namespace) -> int:
     from anomaly.config import load_scoring_settings
     from anomaly.models import load_model
     from pipelines.batch import score_batch
-    from pipelines.executors import LocalExecutor
 
     settings = load_scoring_settings(args.config, precision=args.precision, batch_size=args.batch_size,
                                      save_reconstruction=False if args.no_recon else None)
@@ -62,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     store = store_from(args)
     try:
         summary = score_batch(args.inputs, args.out, model, store, settings, calibration=args.calibration,
-                              executor=LocalExecutor(), csv_path=args.csv, progress=not args.quiet, atlas=atlas)
+                              executor=make_executor(args), csv_path=args.csv, progress=not args.quiet, atlas=atlas)
     finally:
         store.close()
     ok, failed, skipped = summary.count("ok"), summary.count("failed"), summary.count("skipped")

@@ -1,0 +1,276 @@
+"""Opening the store: database URLs, SQLite pragmas (WAL, foreign keys, busy timeout) and migrations.
+
+Every ``open_store`` brings the schema to the newest Alembic revision shipped with the package, so a
+batch and a dashboard that open the same SQLite file or PostgreSQL database always agree on it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool, StaticPool
+
+MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
+"""Alembic script folder shipped inside the package (no alembic.ini needed)."""
+
+ENV_VAR = "ANOMALY_DB"
+"""Environment variable holding the database URL (or SQLite file path) used when none is given."""
+
+DEFAULT_BUSY_TIMEOUT_S = 30.0
+_PG_MIGRATION_LOCK = 7_310_248_615  # pg_advisory_xact_lock key serialising concurrent upgrades
+_THREAD_LOCK = threading.Lock()  # Alembic's context and op proxies are process-global
+
+
+def default_db_url() -> str:
+    """The ``ANOMALY_DB`` environment variable when set, else a SQLite file ``./anomaly.db`` (absolute)."""
+    value = os.environ.get(ENV_VAR, "").strip()
+    if value:
+        return value
+    return "sqlite:///" + (Path.cwd() / "anomaly.db").resolve().as_posix()
+
+
+def _is_sqlite_memory(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite" and (
+        url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+    )
+
+
+def normalize_db_url(value: str | os.PathLike[str]) -> str:
+    """Turn a SQLAlchemy URL or a plain file path into a URL; SQLite files get an absolute path and
+    their parent folder is created."""
+    raw = os.fspath(value).strip()
+    if not raw:
+        raise ValueError(
+            "empty database URL; pass a SQLAlchemy URL such as 'sqlite:///results/anomaly.db' "
+            "or 'postgresql+psycopg://user@host/db', or a file path such as 'results/anomaly.db'"
+        )
+    if "://" not in raw:
+        path = Path(raw).expanduser().resolve()
+        if path.is_dir():
+            raise ValueError(
+                f"database path {path} is a folder; give a file name inside it, e.g. {path / 'anomaly.db'}"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return "sqlite:///" + path.as_posix()
+    if raw.startswith("postgres://"):
+        raw = "postgresql://" + raw[len("postgres://") :]
+    if raw.startswith("postgresql://"):  # no driver named: psycopg 3, as in the 'postgres' extra
+        raw = "postgresql+psycopg://" + raw[len("postgresql://") :]
+    try:
+        url = make_url(raw)
+    except ArgumentError as exc:
+        raise ValueError(
+            f"cannot parse database URL {raw!r} ({exc}); expected e.g. 'sqlite:///results/anomaly.db' "
+            "or 'postgresql+psycopg://user:password@host:5432/db'"
+        ) from exc
+    if url.get_backend_name() == "sqlite" and not _is_sqlite_memory(url):
+        path = Path(url.database or "").expanduser().resolve()
+        if path.is_dir():
+            raise ValueError(
+                f"database path {path} in {raw!r} is a folder; give a file name, e.g. {path / 'anomaly.db'}"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        url = url.set(database=path.as_posix())
+    return url.render_as_string(hide_password=False)
+
+
+def alembic_config(url: str | None = None, connection: Connection | None = None) -> Config:
+    """An Alembic ``Config`` for the packaged migrations, e.g. for ``command.revision(cfg, autogenerate=True)``."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    cfg.set_main_option("path_separator", "os")
+    if url is not None:
+        cfg.set_main_option("sqlalchemy.url", normalize_db_url(url).replace("%", "%%"))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+@lru_cache(maxsize=1)
+def _script_directory() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def head_revision() -> str:
+    """The newest migration revision shipped with this package."""
+    head = _script_directory().get_current_head()
+    if head is None:  # pragma: no cover - the package always ships migrations
+        raise RuntimeError(f"no Alembic migrations found in {MIGRATIONS_DIR}; the installation is incomplete")
+    return head
+
+
+def current_revision(connection: Connection) -> str | None:
+    """The migration revision the database behind ``connection`` is at (None when empty)."""
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def _check_known(revision: str | None, url: str) -> None:
+    if revision is None:
+        return
+    known = {script.revision for script in _script_directory().walk_revisions()}
+    if revision not in known:
+        raise RuntimeError(
+            f"database {url} is at schema revision {revision!r}, which this version of the anomaly "
+            f"package does not know (newest known: {head_revision()!r}); it was written by a newer "
+            "version: upgrade the package or use another database"
+        )
+
+
+def _sqlite_pragmas(engine: Engine, busy_timeout_ms: int, *, wal: bool, foreign_keys: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+            cursor.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
+            if wal:
+                cursor.execute("PRAGMA journal_mode = WAL")
+                cursor.execute("PRAGMA synchronous = NORMAL")
+        finally:
+            cursor.close()
+
+
+@contextmanager
+def _locked_migration_connection(engine: Engine, busy_timeout_ms: int) -> Iterator[Connection]:
+    """A connection inside a transaction that excludes concurrent upgrades of the same database."""
+    url = engine.url
+    if url.get_backend_name() == "sqlite" and not _is_sqlite_memory(url):
+        # A dedicated connection in explicit-transaction mode: BEGIN IMMEDIATE takes the write lock
+        # up front and SQLite runs the DDL transactionally. Foreign keys stay off while migrating,
+        # as Alembic's batch (table copy) operations require.
+        mig_engine = create_engine(url, poolclass=NullPool)
+        _sqlite_pragmas(mig_engine, busy_timeout_ms, wal=True, foreign_keys=False)
+
+        @event.listens_for(mig_engine, "connect")
+        def _autocommit_driver(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None
+
+        @event.listens_for(mig_engine, "begin")
+        def _begin_immediate(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        try:
+            with mig_engine.begin() as conn:
+                yield conn
+        finally:
+            mig_engine.dispose()
+        return
+    with engine.begin() as conn:
+        if url.get_backend_name() == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+        yield conn
+
+
+def upgrade_schema(engine: Engine, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> bool:
+    """Bring the database to the newest revision; returns True when a migration ran.
+
+    Cheap when already current (one query); concurrent openers of a new database are serialised.
+    """
+    head = head_revision()
+    display = engine.url.render_as_string(hide_password=True)
+    with engine.connect() as conn:
+        current = current_revision(conn)
+    if current == head:
+        return False
+    _check_known(current, display)
+    with _THREAD_LOCK, _locked_migration_connection(engine, int(busy_timeout_s * 1000)) as conn:
+        current = current_revision(conn)
+        if current == head:
+            return False
+        _check_known(current, display)
+        command.upgrade(alembic_config(connection=conn), "head")
+    return True
+
+
+def _dispose_after_fork(engine: Engine) -> None:
+    """Drop pooled connections inherited by a forked child (they belong to the parent)."""
+    ref = weakref.ref(engine)
+
+    def _after_fork() -> None:
+        inherited = ref()
+        if inherited is not None:
+            inherited.dispose(close=False)
+
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_after_fork)
+
+
+def create_store_engine(url: str, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> Engine:
+    """A SQLAlchemy engine for ``url``; for SQLite with WAL, foreign keys and a busy timeout."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if _is_sqlite_memory(parsed):
+            engine = create_engine(parsed, poolclass=StaticPool, connect_args={"check_same_thread": False})
+            _sqlite_pragmas(engine, int(busy_timeout_s * 1000), wal=False, foreign_keys=True)
+        else:
+            engine = create_engine(parsed, connect_args={"check_same_thread": False})
+            _sqlite_pragmas(engine, int(busy_timeout_s * 1000), wal=True, foreign_keys=True)
+    else:
+        engine = create_engine(parsed, pool_pre_ping=True)
+    _dispose_after_fork(engine)
+    return engine
+
+
+class Store:
+    """The result database: an engine plus ``session()`` transactions (commit on success, rollback on error)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @property
+    def url(self) -> str:
+        """The database URL with any password hidden, for messages and logs."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in one transaction: committed when the block ends, rolled back when it raises.
+
+        Objects stay readable after the block (no expiry on commit).
+        """
+        with self._sessions.begin() as session:
+            yield session
+
+    def close(self) -> None:
+        """Close all pooled connections."""
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+
+def open_store(
+    url: str | os.PathLike[str] | None = None, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S
+) -> Store:
+    """Open (and create or upgrade) the store at ``url``: a SQLAlchemy URL or a file path; by default
+    ``ANOMALY_DB`` or ``./anomaly.db``."""
+    normalized = normalize_db_url(default_db_url() if url is None else url)
+    engine = create_store_engine(normalized, busy_timeout_s)
+    try:
+        upgrade_schema(engine, busy_timeout_s)
+    except Exception:
+        engine.dispose()
+        raise
+    return Store(engine)

@@ -1,0 +1,174 @@
+"""The store's core round trip on PostgreSQL; runs when ``ANOMALY_TEST_PG_URL`` names a server.
+
+Start a throwaway server with ``export ANOMALY_TEST_PG_URL="$(scripts/start_test_postgres.sh)"``.
+Each test module works in a fresh database created on that server and dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from datetime import timezone
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, delete, select, text
+from sqlalchemy.engine import make_url
+
+import anomaly.store as st
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PG_URL = os.environ.get("ANOMALY_TEST_PG_URL", "")
+pytestmark = pytest.mark.skipif(not PG_URL, reason="set ANOMALY_TEST_PG_URL (scripts/start_test_postgres.sh)")
+
+
+def sha(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def finding(rank: int, volume_ml: float) -> dict[str, object]:
+    return {
+        "rank": rank, "n_voxels": int(volume_ml * 1000), "volume_ml": volume_ml, "centroid_mm": (1.0, -2.0, 3.5),
+        "peak_mm": (1.5, -2.5, 4.0), "peak": 0.8, "mean": 0.3, "region_centroid": "Precentral_L",
+        "region_majority": None, "atlas": "aal",
+    }  # fmt: skip
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """URL of a fresh, empty database on the test server (dropped afterwards)."""
+    pytest.importorskip("psycopg")
+    base = make_url(st.normalize_db_url(PG_URL))
+    name = f"anomaly_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def test_migrations_match_orm_and_reopen_is_idempotent(pg_url: str) -> None:
+    store = st.open_store(pg_url)
+    with store.engine.connect() as conn:
+        assert st.current_revision(conn) == st.head_revision()
+        diffs = compare_metadata(
+            MigrationContext.configure(conn, opts={"compare_type": True}), st.Base.metadata
+        )
+    assert diffs == []
+    assert st.upgrade_schema(store.engine) is False
+    store.close()
+    st.open_store(pg_url).close()
+
+
+def test_concurrent_first_opens_are_serialised(pg_url: str) -> None:
+    """Several processes creating the schema of one new database at once all succeed."""
+    code = "import sys; from anomaly.store import open_store; open_store(sys.argv[1]).close()"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, pg_url], env=env, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0], errors
+    store = st.open_store(pg_url)
+    with store.engine.connect() as conn:
+        assert st.current_revision(conn) == st.head_revision()
+    store.close()
+
+
+def test_core_round_trip(pg_url: str) -> None:
+    store = st.open_store(pg_url)
+    with store.session() as s:
+        model = st.get_or_create_model(s, "tiny-vae", sha("w"), {"channels": [32, 64]})
+        assert st.get_or_create_model(s, "tiny-vae", sha("w"), {}).id == model.id
+        cal = st.save_calibration(
+            s, "healthy", model, "healthy-fpr", 0.3, target_fpr=0.01, metrics={"ci": [0.1, 0.2]}
+        )
+        cal2 = st.save_calibration(s, "healthy", model, "healthy-fpr", 0.35, metrics={"inf": float("inf")})
+        assert (cal.version, cal2.version) == (1, 2)
+        run = st.open_run(s, model, {"median": 3}, sha("s"), "/out", cal2)
+        ids = {}
+        for name, status, score, flagged in (
+            ("a", "ok", 0.9, True),
+            ("b", "ok", 0.2, False),
+            ("c", "failed", None, None),
+        ):
+            scan = st.get_or_create_scan(
+                s, sha(name), f"/d/{name}.nii.gz", name, shape=(4, 5, 6), spacing=(1, 1, 1)
+            )
+            result = st.upsert_result(
+                s, run, scan, status=status, input_path=f"/d/{name}.nii.gz", score=score, flagged=flagged,
+                error="bad file" if status == "failed" else None, details={"stages": {"decode": 0.5}},
+                findings=[finding(1, 2.0), finding(2, 0.5)] if flagged else None,
+            )  # fmt: skip
+            ids[name] = result.id
+        again = st.upsert_result(
+            s, run, st.get_or_create_scan(s, sha("a"), "/d/a.nii.gz", "a"), status="ok",
+            input_path="/d/a.nii.gz", score=0.95, flagged=True, findings=[finding(1, 3.0)], details={"v": 2},
+        )  # fmt: skip
+        assert again.id == ids["a"]
+        st.add_review(s, ids["a"], "ann", "unsure")
+        st.add_review(s, ids["a"], "bob", "confirmed finding", "clear")
+        with pytest.raises(ValueError, match="unknown verdict"):
+            st.add_review(s, ids["b"], "ann", "nope")
+        st.finish_run(s, run)
+        run_id = run.id
+    store.close()
+
+    store = st.open_store(pg_url)
+    with store.session() as s:
+        (summary,) = st.list_runs(s)
+        assert (summary.n_results, summary.n_ok, summary.n_failed, summary.n_flagged, summary.n_reviewed) == (
+            3,
+            2,
+            1,
+            1,
+            1,
+        )
+        assert summary.calibration == "healthy@2" and summary.finished
+        assert st.get_calibration(s, "healthy").metrics == {"inf": None}  # type: ignore[union-attr]
+        assert st.get_calibration(s, "healthy@1").metrics == {"ci": [0.1, 0.2]}  # type: ignore[union-attr]
+        rows = st.run_results(s, run_id)
+        assert [r.scan_name for r in rows] == ["a", "b", "c"]
+        assert (rows[0].verdict, rows[0].reviewer, rows[0].n_findings, rows[0].score) == (
+            "confirmed finding",
+            "bob",
+            1,
+            0.95,
+        )
+        assert [r.scan_name for r in st.run_results(s, run_id, verdict="unreviewed")] == ["b", "c"]
+        assert [r.scan_name for r in st.run_results(s, run_id, search="B")] == ["b"]
+        assert [r.scan_name for r in st.run_results(s, run_id, order="score_asc")] == ["b", "a", "c"]
+        assert st.neighbours(s, run_id, ids["b"]) == (ids["a"], ids["c"])
+        assert st.review_progress(s, run_id) == (1, 2)
+        detail = st.get_result_detail(s, ids["a"])
+        assert detail is not None and detail.scan.shape == [4, 5, 6] and detail.out_dir == "/out"
+        assert [f.volume_ml for f in detail.findings] == [3.0]
+        assert (detail.findings[0].peak_x, detail.findings[0].centroid_z) == (1.5, 3.5)
+        assert detail.result.details == {"v": 2}  # replaced by the second upsert
+        assert detail.result.updated_at.tzinfo is not None
+        assert detail.result.updated_at.utcoffset() == timezone.utc.utcoffset(None)
+        table = st.results_table(s, run_id)
+        assert [(r["path"], r["status"], r["calibration"]) for r in table][0] == (
+            "/d/a.nii.gz",
+            "ok",
+            "healthy@2",
+        )
+        assert len(st.findings_table(s, run_id)) == 1 and len(st.reviews_table(s)) == 2
+        s.execute(delete(st.Review))
+        s.execute(
+            delete(st.Result).where(st.Result.id == ids["a"])
+        )  # findings go with it (ON DELETE CASCADE)
+    with store.session() as s:
+        assert s.scalars(select(st.Finding)).all() == []
+    store.close()

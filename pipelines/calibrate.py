@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,7 +24,7 @@ from anomaly.models.base import SliceModel
 from anomaly.outputs import sibling
 from anomaly.store import Store, get_or_create_model, save_calibration
 from anomaly.volume import Volume, is_nifti_path, load_mask, load_volume, scan_name
-from pipelines.batch import BatchSummary, score_batch
+from pipelines.batch import BatchSummary, discover_inputs, score_batch, unique_stems
 
 DEFAULT_MIN_VOLUME_ML = 0.05
 """Smallest finding kept when the calibration is applied (the same default as :mod:`anomaly.findings`)."""
@@ -138,7 +138,7 @@ def scored_scans(summary: BatchSummary) -> list[ScoredScan]:
 
 def label_index(labels_dir: str | os.PathLike[str]) -> dict[str, list[Path]]:
     """Label files under ``labels_dir`` by file name and by name without ``.nii``/``.nii.gz``."""
-    folder = Path(labels_dir).expanduser()
+    folder = Path(labels_dir).expanduser().resolve()
     if not folder.is_dir():
         raise CalibrateError(f"{folder}: label folder not found; give the folder of ground-truth masks "
                              "named like the scans")
@@ -160,6 +160,16 @@ def find_label(index: dict[str, list[Path]], stem: str, input_path: str | os.Pat
                                      "keep one label per scan name")
             return unique[0]
     return None
+
+
+def _require_labels(scans: Sequence[tuple[str, Path]], index: dict[str, list[Path]],
+                    labels_dir: str | os.PathLike[str] | None) -> None:
+    missing = [str(path) for stem, path in scans if find_label(index, stem, path) is None]
+    if missing:
+        raise CalibrateError(f"no label file in {labels_dir} for {len(missing)} scan(s): "
+                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; name each mask like "
+                             "its scan (<name>.nii.gz), or pass --healthy-without-labels to count scans without "
+                             "a label as lesion-free")
 
 
 def default_out_dir(store_url: str, name: str) -> Path:
@@ -210,24 +220,20 @@ def run_calibration(inputs: Sequence[str | os.PathLike[str]], model: SliceModel,
         raise CalibrateError(f"--min-volume-ml {min_volume_ml!r} must be a number >= 0 (mL)")
     if n_bootstrap < 0:
         raise CalibrateError(f"--bootstrap {n_bootstrap} must be 0 (no confidence intervals) or positive")
-    index = label_index(labels_dir) if labels_dir is not None else None  # checked before any scoring
+    index = label_index(labels_dir) if labels_dir is not None else None
+    if index is not None and not healthy_without_labels:  # refuse before spending time on scoring
+        paths = discover_inputs(inputs)
+        _require_labels([(stem, path) for stem, path in zip(unique_stems(paths), paths, strict=True)],
+                        index, labels_dir)
     out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(store.engine.url.render_as_string(),
                                                                               name)
     summary = score_batch(inputs, out, model, store, settings, progress=progress)
     scans = scored_scans(summary)
     notes: list[str] = []
     if index is not None:
-        paired, missing = [], []
-        for scan in scans:
-            found = find_label(index, scan.stem, scan.path)
-            if found is None and not healthy_without_labels:
-                missing.append(str(scan.path))
-            paired.append(ScoredScan(**{**scan.__dict__, "label_path": found}))
-        if missing:
-            raise CalibrateError(f"no label file in {labels_dir} for {len(missing)} scan(s): "
-                                 f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; name each mask like "
-                                 "its scan (<name>.nii.gz), or pass --healthy-without-labels to count scans without "
-                                 "a label as lesion-free")
+        if not healthy_without_labels:
+            _require_labels([(scan.stem, scan.path) for scan in scans], index, labels_dir)
+        paired = [replace(scan, label_path=find_label(index, scan.stem, scan.path)) for scan in scans]
         unlabelled = sum(1 for s in paired if s.label_path is None)
         if unlabelled:
             notes.append(f"{unlabelled} scan(s) without a label file counted as lesion-free")

@@ -19,6 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--csv", metavar="FILE", help="also write one row per scan to this CSV file")
     p.add_argument("--calibration", metavar="NAME[@VERSION]",
                    help="apply a stored calibration: writes <name>_mask.nii.gz and flags scans")
+    p.add_argument("--force-calibration", action="store_true",
+                   help="apply --calibration even when it was made with other scoring settings")
     p.add_argument("--config", metavar="YAML", help="scoring settings (default: configs/score/default.yaml values)")
     p.add_argument("--precision", choices=("fp32", "bf16"), help="model arithmetic (bf16 is ~3x faster on CPUs with bf16 units)")
     p.add_argument("--batch-size", type=int, help="slices per model call")
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     store = store_from(args)
     try:
         summary = score_batch(args.inputs, args.out, model, store, settings, calibration=args.calibration,
-                              executor=make_executor(args), csv_path=args.csv, progress=not args.quiet, atlas=atlas)
+                              force_calibration=args.force_calibration, executor=make_executor(args), csv_path=args.csv, progress=not args.quiet, atlas=atlas)
     finally:
         store.close()
     ok, failed, skipped = summary.count("ok"), summary.count("failed"), summary.count("skipped")

@@ -24,9 +24,15 @@ setup: system-packages $(STAMP)
 
 demo-score: setup
 	$(BIN)/anomaly sample-data data/sample
-	$(BIN)/anomaly score data/sample --out $(DEMO)/maps --db $(DEMO)/anomaly.db --csv $(DEMO)/scores.csv
+	$(BIN)/anomaly calibrate --db $(DEMO)/anomaly.db --healthy data/sample/calibration --name demo \
+		--target-fpr 0.01 --scan-target-fpr 0.2
+	$(BIN)/anomaly score data/sample/lesions data/sample/healthy --out $(DEMO)/maps --db $(DEMO)/anomaly.db \
+		--calibration demo --csv $(DEMO)/scores.csv
+	$(BIN)/anomaly evaluate --db $(DEMO)/anomaly.db --run latest --labels data/sample/labels \
+		--healthy-without-labels --out $(DEMO)/evaluation
 	@echo
-	@echo "demo results: maps in $(DEMO)/maps, scores in $(DEMO)/scores.csv, database $(DEMO)/anomaly.db"
+	@echo "demo results: maps in $(DEMO)/maps, scores in $(DEMO)/scores.csv,"
+	@echo "  evaluation in $(DEMO)/evaluation (summary.json, ROC/PR/Dice plots), database $(DEMO)/anomaly.db"
 
 demo: demo-score
 	$(BIN)/anomaly dashboard --db $(DEMO)/anomaly.db --port $(PORT)

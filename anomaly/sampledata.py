@@ -41,6 +41,7 @@ class SampleManifest:
     readme: Path
     evaluation_only: tuple[Path, ...] = ()
     notes: tuple[str, ...] = ()
+    calibration: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,13 @@ def load_mni152_brain() -> tuple[Volume, str]:
 
 
 def make_sample_data(out_dir: Path, *, include_colin: bool = True, n_lesion_copies: int = 2,
-                     seed: int = 0) -> SampleManifest:
+                     seed: int = 0, n_calibration: int = 6) -> SampleManifest:
     """Write healthy brains, lesion copies and ground-truth labels into ``out_dir``; return the manifest.
 
     Layout: ``healthy/<name>.nii.gz`` (skull-stripped originals), ``lesions/<name>_lesion<k>.nii.gz``
     (copies with synthetic lesions), ``labels/<name>_lesion<k>.nii.gz`` (uint8 ground truth, named like
-    the scans) and ``README.txt``. Files already present are kept (not recomputed); writes are atomic.
+    the scans), ``calibration/mni152_2009c_var<k>.nii.gz`` (healthy variants of the MNI brain for label-free
+    threshold calibration; never of Colin27) and ``README.txt``. Files already present are kept (not recomputed); writes are atomic.
     """
     out_dir = Path(out_dir)
     if n_lesion_copies < 0:
@@ -143,9 +145,22 @@ def make_sample_data(out_dir: Path, *, include_colin: bool = True, n_lesion_copi
         labels.extend(p[1] for p in pairs)
         if source.evaluation_only:
             evaluation_only.extend(files)
-    readme = _write_text(out_dir / "README.txt", _readme(sources, n_lesion_copies, seed))
+    calibration = _calibration_variants(out_dir / "calibration", sources[0], n_calibration, seed, notes)
+    readme = _write_text(out_dir / "README.txt", _readme(sources, n_lesion_copies, seed, n_calibration))
     return SampleManifest(out_dir=out_dir, healthy=tuple(healthy), lesions=tuple(lesions), labels=tuple(labels),
-                          readme=readme, evaluation_only=tuple(evaluation_only), notes=tuple(notes))
+                          readme=readme, evaluation_only=tuple(evaluation_only), notes=tuple(notes),
+                          calibration=calibration)
+
+
+def _calibration_variants(folder: Path, source: _Source, n: int, seed: int, notes: list[str]) -> tuple[Path, ...]:
+    """Healthy variants (bias field, gain, shift, noise) of one training-allowed brain, for calibration."""
+    paths = tuple(folder / f"{source.name}_var{k}.nii.gz" for k in range(1, n + 1))
+    if n and not all(p.is_file() for p in paths):
+        volume = _load_source(source, notes)
+        for path, data in zip(paths, healthy_variants(volume, n, seed), strict=True):
+            if not path.is_file():
+                save_nifti(data, volume.affine, path)
+    return paths
 
 
 def healthy_variants(volume: Volume, n: int, seed: int | None = 0) -> list[np.ndarray]:
@@ -215,7 +230,7 @@ def _write_text(path: Path, text: str) -> Path:
     return path
 
 
-def _readme(sources: list[_Source], n_copies: int, seed: int) -> str:
+def _readme(sources: list[_Source], n_copies: int, seed: int, n_calibration: int = 0) -> str:
     lines = [
         "Sample brain MRI data for trying out and testing brain anomaly detection.",
         "",
@@ -224,6 +239,8 @@ def _readme(sources: list[_Source], n_copies: int, seed: int) -> str:
         "  lesions/<name>_lesion<k>.nii.gz  copies of those brains with synthetic lesions painted in",
         "  labels/<name>_lesion<k>.nii.gz   ground truth for each lesion copy (uint8, 1 = lesion), named like",
         "                                   the scan it belongs to, on the same grid",
+        f"  calibration/<name>_var<k>.nii.gz {n_calibration} healthy variants of the MNI brain (smooth bias field,",
+        "                                   gain, sub-voxel shift, noise) for label-free threshold calibration",
         "",
         f"Each lesion copy holds {LESIONS_PER_COPY} synthetic lesions (radius {LESION_RADIUS_MM[0]:g}-"
         f"{LESION_RADIUS_MM[1]:g} mm) of these kinds: {', '.join(KINDS)}.",

@@ -8,6 +8,8 @@ float32 per brain voxel of the calibration set plus one map, never every map at 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -22,8 +24,8 @@ from anomaly.calibration import CalibrationError, CalibrationResult, calibrate_h
 from anomaly.config import ScoringSettings
 from anomaly.models.base import SliceModel
 from anomaly.outputs import sibling
-from anomaly.store import Store, get_or_create_model, save_calibration
-from anomaly.volume import Volume, is_nifti_path, load_mask, load_volume, scan_name
+from anomaly.store import Store, get_calibration, get_or_create_model, save_calibration
+from anomaly.volume import Volume, file_sha256, is_nifti_path, load_mask, load_volume, scan_name
 from pipelines.batch import BatchSummary, discover_inputs, score_batch, unique_stems
 
 DEFAULT_MIN_VOLUME_ML = 0.05
@@ -241,9 +243,22 @@ def run_calibration(inputs: Sequence[str | os.PathLike[str]], model: SliceModel,
         if target_fpr is not None or scan_target_fpr is not None:
             notes.append("--target-fpr/--scan-target-fpr are not used by a labelled calibration (it maximises "
                          "Dice; the scan threshold maximises sensitivity + specificity)")
+    identity = model.identity()
+    fingerprint = _fingerprint(scans, identity.weights_hash, settings.hash(), labelled=index is not None,
+                               target_fpr=target_fpr, scan_target_fpr=scan_target_fpr,
+                               min_volume_ml=min_volume_ml, n_bootstrap=n_bootstrap, seed=seed)
+    with store.session() as s:
+        latest = get_calibration(s, name)
+        if latest is not None and isinstance(latest.data, dict) and latest.data.get("fingerprint") == fingerprint:
+            return CalibrationOutcome(
+                ref=latest.ref, calibration_id=latest.id, result=CalibrationResult(
+                    method=latest.method, voxel_threshold=latest.voxel_threshold,
+                    scan_threshold=latest.scan_threshold, target_fpr=latest.target_fpr,
+                    metrics=dict(latest.metrics or {})),
+                scans=list(scans), run_id=summary.run_id, out_dir=summary.out_dir,
+                notes=[*notes, f"same scans, model and settings as {latest.ref}: reused it (no new version)"])
     result = calibrate_scans(scans, target_fpr=target_fpr, scan_target_fpr=scan_target_fpr,
                              labelled=index is not None, n_bootstrap=n_bootstrap, seed=seed)
-    identity = model.identity()
     data: dict[str, Any] = {
         "scans": [s.record() for s in scans],
         "n_scans": len(scans),
@@ -252,6 +267,7 @@ def run_calibration(inputs: Sequence[str | os.PathLike[str]], model: SliceModel,
         "out_dir": str(summary.out_dir),
         "settings": settings.to_dict(),
         "model": identity.name,
+        "fingerprint": fingerprint,
     }
     if labels_dir is not None:
         data["labels_dir"] = str(Path(labels_dir).expanduser().resolve())
@@ -263,6 +279,14 @@ def run_calibration(inputs: Sequence[str | os.PathLike[str]], model: SliceModel,
         ref, cal_id = cal.ref, cal.id
     return CalibrationOutcome(ref=ref, calibration_id=cal_id, result=result, scans=list(scans),
                               run_id=summary.run_id, out_dir=summary.out_dir, notes=notes)
+
+
+def _fingerprint(scans: Sequence[ScoredScan], weights_hash: str, settings_hash: str, **options: Any) -> str:
+    """Identity of a calibration's inputs: re-running the same calibration reuses the stored version."""
+    labels = [file_sha256(s.label_path) if s.label_path is not None else "" for s in scans]
+    payload = {"scans": sorted(zip((s.content_hash for s in scans), labels, strict=True)),
+               "model": weights_hash, "settings": settings_hash, **options}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 __all__ = [

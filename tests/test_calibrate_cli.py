@@ -259,3 +259,17 @@ def test_list_shows_stored_calibrations(flow: dict[str, Path], capsys: pytest.Ca
     assert main(["calibrate", "--db", str(flow["db"]), "--list"]) == 0
     out = capsys.readouterr().out
     assert "phantom@1" in out and "healthy-fpr" in out
+
+
+def test_repeating_a_calibration_reuses_the_stored_version(tmp_path: Path) -> None:
+    for i in range(4):
+        write_nifti(tmp_path / "healthy" / f"h{i}.nii.gz", phantom(seed=i))
+    args = ["calibrate", "--db", str(tmp_path / "c.db"), "--model", "intensity", "--healthy",
+            str(tmp_path / "healthy"), "--target-fpr", "0.01", "--name", "again", "--bootstrap", "20", "--quiet"]
+    assert main(args) == 0
+    assert main(args) == 0
+    assert main([*args[:-3], "--bootstrap", "21", "--quiet"]) == 0
+    store = open_store(str(tmp_path / "c.db"))
+    with store.session() as s:
+        assert [c.version for c in list_calibrations(s)] in ([1, 2], [2, 1])
+    store.close()

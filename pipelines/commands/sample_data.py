@@ -13,6 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "anomaly sample-data data/sample")
     p.add_argument("out", metavar="DIR")
     p.add_argument("--copies", type=int, default=2, help="lesion copies per brain (default 2)")
+    p.add_argument("--calibration-copies", type=int, default=6,
+                   help="healthy variants of the MNI brain for calibration (default 6)")
     p.add_argument("--no-colin", action="store_true", help="leave out Colin27")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
@@ -24,9 +26,10 @@ def run(args: argparse.Namespace) -> int:
     from anomaly.sampledata import make_sample_data
 
     manifest = make_sample_data(Path(args.out), include_colin=not args.no_colin, n_lesion_copies=args.copies,
-                                seed=args.seed)
+                                seed=args.seed, n_calibration=args.calibration_copies)
     print(f"sample data in {manifest.out_dir}: {len(manifest.healthy)} healthy brains (healthy/), "
-          f"{len(manifest.lesions)} with synthetic lesions (lesions/), ground-truth masks (labels/)")
+          f"{len(manifest.lesions)} with synthetic lesions (lesions/), ground-truth masks (labels/), "
+          f"{len(manifest.calibration)} healthy variants for calibration (calibration/)")
     for note in manifest.notes:
         print(f"note: {note}")
     if manifest.evaluation_only:

@@ -35,6 +35,16 @@ def app_path() -> Path:
     raise UserError("the dashboard app was not found; reinstall the package with its dashboard extra")
 
 
+def _terminate_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so the ``finally`` below stops the Streamlit child."""
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import streamlit  # noqa: F401
@@ -46,5 +56,16 @@ def run(args: argparse.Namespace) -> int:
     env = dict(os.environ, ANOMALY_DB=url)
     print(f"dashboard: http://{args.host}:{args.port}  (database {url}; Ctrl-C to stop)", flush=True)
     cmd = [sys.executable, "-m", "streamlit", "run", str(app_path()), "--server.port", str(args.port),
-           "--server.address", args.host, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
-    return subprocess.call(cmd, env=env)
+           "--server.address", args.host, "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--client.toolbarMode", "minimal"]
+    _terminate_on_sigterm()
+    child = subprocess.Popen(cmd, env=env)
+    try:
+        return child.wait()
+    finally:  # also on SIGTERM or an exception: never leave the server running behind us
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()

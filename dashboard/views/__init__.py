@@ -1,0 +1,1 @@
+"""The dashboard's pages; each exposes ``render(store, runs)``."""

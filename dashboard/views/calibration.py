@@ -1,0 +1,379 @@
+"""Calibration page: histogram of scan scores with the threshold line, scan-level ROC/PR from review
+verdicts, voxel-level ROC/PR and Dice-versus-threshold when label masks are recorded, and saving the
+chosen thresholds as a named manual calibration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+from sqlalchemy import select
+
+from anomaly.store import (
+    Result,
+    RunSummary,
+    Store,
+    get_run,
+    list_calibrations,
+    run_results,
+    save_calibration,
+)
+from dashboard import state
+from dashboard.curves import (
+    NEGATIVE_VERDICTS,
+    POSITIVE_VERDICTS,
+    VoxelCurves,
+    operating_point,
+    scan_curves,
+    verdict_labels,
+    voxel_curves,
+)
+from dashboard.paths import LABEL_KEY, UnsafePathError, result_file
+from dashboard.views.common import empty_runs, selected_run
+from dashboard.volumes import VolumeLoadError, load
+
+SCAN_THRESHOLD = "cal_scan_threshold"
+VOXEL_THRESHOLD = "cal_voxel_threshold"
+NAME = "cal_name"
+CAL_RUN = "_cal_run"
+PERSISTENT_KEYS: tuple[str, ...] = (SCAN_THRESHOLD, VOXEL_THRESHOLD)
+MAX_LABELLED = 40
+"""Labelled scans pooled for the voxel curves (the highest-scoring ones beyond this are left out)."""
+
+
+def histogram(scores: np.ndarray, threshold: float) -> alt.LayerChart:
+    """Histogram of scan scores with a red line at the threshold."""
+    data = pd.DataFrame({"score": scores})
+    bars = (
+        alt.Chart(data)
+        .mark_bar(opacity=0.8)
+        .encode(
+            x=alt.X("score:Q", bin=alt.Bin(maxbins=40), title="scan score"),
+            y=alt.Y("count():Q", title="scans"),
+        )
+    )
+    rule = (
+        alt.Chart(pd.DataFrame({"threshold": [threshold]}))
+        .mark_rule(color="red", strokeWidth=2)
+        .encode(x="threshold:Q")
+    )
+    return (bars + rule).properties(height=260)
+
+
+def line_chart(
+    x: np.ndarray,
+    y: np.ndarray,
+    x_title: str,
+    y_title: str,
+    point: tuple[float, float] | None = None,
+    rule_x: float | None = None,
+) -> alt.LayerChart | alt.Chart:
+    """A curve with an optional red point (the operating point) and red vertical line (the threshold)."""
+    data = pd.DataFrame({"x": np.asarray(x, dtype=float), "y": np.asarray(y, dtype=float)})
+    chart: Any = (
+        alt.Chart(data)
+        .mark_line(interpolate="step-after" if len(data) < 60 else "linear")
+        .encode(x=alt.X("x:Q", title=x_title), y=alt.Y("y:Q", title=y_title))
+    )
+    if point is not None and all(v is not None for v in point):
+        chart = chart + alt.Chart(pd.DataFrame({"x": [point[0]], "y": [point[1]]})).mark_point(
+            color="red", size=90, filled=True
+        ).encode(x="x:Q", y="y:Q")
+    if rule_x is not None:
+        chart = chart + alt.Chart(pd.DataFrame({"x": [rule_x]})).mark_rule(color="red").encode(x="x:Q")
+    return chart.properties(height=240)
+
+
+def labelled_results(store: Store, run_id: int) -> list[Result]:
+    """Scored results of the run with a label mask recorded in their details."""
+    with store.session() as s:
+        results = list(
+            s.scalars(
+                select(Result)
+                .where(Result.run_id == run_id, Result.status == "ok")
+                .order_by(Result.score.desc())
+            )
+        )
+    return [r for r in results if isinstance(r.details, dict) and r.details.get(LABEL_KEY)]
+
+
+@st.cache_data(max_entries=8, show_spinner="Pooling labelled voxels…")
+def _voxel_curves(sources: tuple[tuple[str, str, int, int], ...]) -> VoxelCurves:
+    """Curves of (map, label, map mtime, label mtime) files; the times make a changed file count as new."""
+    pairs = [(load(Path(m)).volume.data, load(Path(lab)).volume.data) for m, lab, _, _ in sources]
+    return voxel_curves(pairs)
+
+
+def voxel_section(store: Store, run_id: int, out_dir: str) -> VoxelCurves | None:
+    """Voxel-level curves from recorded label masks; explains what is missing when there are none."""
+    labelled = labelled_results(store, run_id)
+    if not labelled:
+        st.caption(
+            "Voxel-level ROC/PR and Dice-versus-threshold need label masks. None are recorded for this run "
+            f"(a result's `details['{LABEL_KEY}']`, written when scans are scored or evaluated with labels); "
+            "`anomaly evaluate --labels DIR` computes them offline."
+        )
+        return None
+    sources, problems = [], []
+    for result in labelled[:MAX_LABELLED]:
+        try:
+            map_path, label_path = result_file(result, out_dir, "map"), result_file(result, out_dir, "label")
+        except UnsafePathError as exc:
+            problems.append(str(exc))
+            continue
+        if map_path is None or label_path is None or not map_path.exists() or not label_path.exists():
+            problems.append(f"result {result.id}: map or label file missing")
+            continue
+        sources.append(
+            (str(map_path), str(label_path), map_path.stat().st_mtime_ns, label_path.stat().st_mtime_ns)
+        )
+    for problem in problems[:5]:
+        st.warning(problem)
+    if not sources:
+        return None
+    try:
+        curves = _voxel_curves(tuple(sources))
+    except (ValueError, VolumeLoadError) as exc:
+        st.warning(f"Voxel curves unavailable: {exc}")
+        return None
+    st.caption(
+        f"Pooled over {curves.n_scans} labelled scans ({curves.n_lesion_voxels} lesion voxels)"
+        + (
+            f"; the {len(labelled) - MAX_LABELLED} lowest-scoring labelled scans are left out"
+            if len(labelled) > MAX_LABELLED
+            else ""
+        )
+        + "."
+    )
+    return curves
+
+
+def _init(run_id: int, scan_default: float, voxel_default: float | None) -> None:
+    ss = st.session_state
+    if ss.get(CAL_RUN) != run_id:
+        ss[SCAN_THRESHOLD] = scan_default
+        ss[VOXEL_THRESHOLD] = voxel_default
+        ss[NAME] = f"manual-run{run_id}"
+        ss[CAL_RUN] = run_id
+
+
+def _save(store: Store, run_id: int, model_id: int, settings_hash: str, metrics: dict[str, Any]) -> None:
+    ss = st.session_state
+    name = str(ss.get(NAME, "") or "").strip()
+    voxel = ss.get(VOXEL_THRESHOLD)
+    if voxel is None:
+        state.flash("Enter a voxel threshold before saving the calibration.", "warning")
+        return
+    try:
+        with store.session() as s:
+            saved = save_calibration(
+                s,
+                name,
+                model_id,
+                "manual",
+                float(voxel),
+                scan_threshold=float(ss[SCAN_THRESHOLD]),
+                settings_hash=settings_hash,
+                data={
+                    "source": "dashboard",
+                    "run_id": run_id,
+                    "reviewer": ss.get(state.REVIEWER) or None,
+                    "scan_labels": "review verdicts: confirmed finding = abnormal; normal, false positive = normal",
+                },
+                metrics=metrics,
+            )
+            ref = saved.ref
+    except ValueError as exc:
+        state.flash(f"Calibration not saved: {exc}", "error")
+        return
+    state.flash(
+        f"Saved calibration **{ref}** (voxel threshold {float(voxel):.4g}, scan threshold "
+        f"{float(ss[SCAN_THRESHOLD]):.4g}). Apply it with `anomaly score ... --calibration {ref}`."
+    )
+
+
+def render(store: Store, run_list: list[RunSummary]) -> None:
+    """Draw the calibration page for the run chosen in the sidebar."""
+    st.header("Calibration")
+    run = selected_run(run_list)
+    if run is None:
+        empty_runs()
+        return
+    with store.session() as s:
+        rows = run_results(s, run.run_id, status="ok", order="score_desc")
+        run_row = get_run(s, run.run_id)
+        model_id, settings_hash, out_dir = run_row.model_id, run_row.settings_hash, run_row.out_dir
+        current = run_row.calibration
+        calibrations = list_calibrations(s, model_id)
+        saved_rows = [
+            {
+                "calibration": c.ref,
+                "method": c.method,
+                "voxel threshold": c.voxel_threshold,
+                "scan threshold": c.scan_threshold,
+                "target FPR": c.target_fpr,
+                "created": f"{c.created_at:%Y-%m-%d %H:%M}",
+            }
+            for c in calibrations
+        ]
+    scores = np.asarray([r.score for r in rows if r.score is not None and np.isfinite(r.score)], dtype=float)
+    if scores.size == 0:
+        st.info(f"Run {run.run_id} has no scored scans yet; calibration needs scan scores.")
+        return
+    low, high = float(scores.min()), float(scores.max())
+    if high <= low:
+        high = low + 1.0
+    scan_default = (
+        current.scan_threshold
+        if current is not None and current.scan_threshold is not None
+        else float(np.percentile(scores, 95))
+    )
+    _init(
+        run.run_id,
+        float(min(max(scan_default, low), high)),
+        None if current is None else float(current.voxel_threshold),
+    )
+    ss = st.session_state
+    ss[SCAN_THRESHOLD] = float(min(max(float(ss[SCAN_THRESHOLD]), low), high))
+    if current is not None:
+        st.caption(
+            f"This run was scored with calibration **{current.ref}** ({current.method}): voxel threshold "
+            f"{current.voxel_threshold:.4g}, scan threshold "
+            f"{'none' if current.scan_threshold is None else f'{current.scan_threshold:.4g}'}."
+        )
+    else:
+        st.caption("This run was scored without a calibration.")
+
+    st.subheader("Scan scores")
+    st.slider(
+        "Scan threshold",
+        low,
+        high,
+        key=SCAN_THRESHOLD,
+        step=(high - low) / 500,
+        format="%.4g",
+        help="A scan is flagged when its score is at or above this value.",
+    )
+    threshold = float(ss[SCAN_THRESHOLD])
+    labels = verdict_labels(rows)
+    c1, c2 = st.columns([2, 1])
+    c1.altair_chart(histogram(scores, threshold), width="stretch")
+    n_flag = int((scores >= threshold).sum())
+    c2.metric("Flagged at this threshold", f"{n_flag} of {scores.size}")
+    metrics: dict[str, Any] = {"n_scans": int(scores.size), "n_flagged": n_flag}
+    if labels.n_pos or labels.n_neg:
+        point = operating_point(labels.scores, labels.labels, threshold)
+        metrics["verdicts"] = {"n_abnormal": labels.n_pos, "n_normal": labels.n_neg, **point}
+        c2.metric(
+            "Sensitivity (reviewed)", "—" if point["sensitivity"] is None else f"{point['sensitivity']:.2f}"
+        )
+        c2.metric("False-positive rate (reviewed)", "—" if point["fpr"] is None else f"{point['fpr']:.2f}")
+
+    st.subheader("Scan-level ROC and PR from review verdicts")
+    st.caption(
+        f"Abnormal = {', '.join(POSITIVE_VERDICTS)}; normal = {', '.join(NEGATIVE_VERDICTS)}; "
+        f"other verdicts and unreviewed scans are left out ({labels.n_excluded} with another verdict, "
+        f"{labels.n_unreviewed} unreviewed)."
+    )
+    if labels.usable:
+        curves = scan_curves(labels)
+        point = operating_point(labels.scores, labels.labels, threshold)
+        metrics.update(scan_auroc_reviewed=curves["auroc"], scan_auprc_reviewed=curves["auprc"])
+        r1, r2 = st.columns(2)
+        r1.altair_chart(
+            line_chart(
+                curves["fpr"],
+                curves["tpr"],
+                "false-positive rate",
+                "sensitivity",
+                (point["fpr"], point["sensitivity"]),
+            ),
+            width="stretch",
+        )
+        r1.caption(
+            f"ROC · AUROC {curves['auroc']:.3f} ({labels.n_pos} abnormal, {labels.n_neg} normal scans)"
+        )
+        r2.altair_chart(
+            line_chart(
+                curves["recall"],
+                curves["precision"],
+                "recall",
+                "precision",
+                (point["sensitivity"], point["precision"]),
+            ),
+            width="stretch",
+        )
+        r2.caption(f"PR · AUPRC {curves['auprc']:.3f}")
+    else:
+        st.info(
+            f"Needs reviewed scans of both kinds: {labels.n_pos} abnormal and {labels.n_neg} normal so far. "
+            "Review more scans in the viewer."
+        )
+
+    st.subheader("Voxel threshold")
+    voxel = voxel_section(store, run.run_id, out_dir)
+    if voxel is not None and ss.get(VOXEL_THRESHOLD) is None:
+        ss[VOXEL_THRESHOLD] = float(voxel.best_threshold)
+    st.columns([1, 2])[0].number_input(
+        "Voxel threshold",
+        key=VOXEL_THRESHOLD,
+        value=None,
+        format="%.6g",
+        step=None,
+        placeholder="e.g. the run's calibrated value",
+        help="A voxel belongs to a finding when its anomaly value is at or above this threshold.",
+    )
+    chosen_voxel = ss.get(VOXEL_THRESHOLD)
+    if voxel is not None:
+        v1, v2, v3 = st.columns(3)
+        v1.altair_chart(
+            line_chart(
+                voxel.thresholds,
+                voxel.dice,
+                "voxel threshold",
+                "pooled Dice",
+                rule_x=None if chosen_voxel is None else float(chosen_voxel),
+            ),
+            width="stretch",
+        )
+        v1.caption(f"Dice vs threshold · best {voxel.best_dice:.3f} at {voxel.best_threshold:.4g} (oracle)")
+        if voxel.auroc is not None:
+            v2.altair_chart(
+                line_chart(voxel.fpr, voxel.sensitivity, "false-positive rate", "sensitivity"),
+                width="stretch",
+            )
+            v2.caption(f"voxel ROC · AUROC {voxel.auroc:.3f}")
+        v3.altair_chart(
+            line_chart(voxel.sensitivity, voxel.precision, "recall", "precision"), width="stretch"
+        )
+        v3.caption(f"voxel PR · AUPRC {voxel.auprc:.3f}")
+        metrics.update(
+            voxel_best_dice=voxel.best_dice,
+            voxel_auprc=voxel.auprc,
+            voxel_auroc=voxel.auroc,
+            n_labelled_scans=voxel.n_scans,
+        )
+        if chosen_voxel is not None:
+            metrics["voxel_dice"] = voxel.dice_at(float(chosen_voxel))
+
+    st.subheader("Save as a named calibration")
+    with st.form("save_calibration", border=True):
+        st.text_input("Name", key=NAME, help="Saved as the next version of this name (NAME@1, NAME@2, …).")
+        st.caption(
+            f"Saves method `manual` for model {run.model_name} with the voxel threshold above and scan "
+            f"threshold {threshold:.4g}."
+        )
+        st.form_submit_button(
+            "Save calibration",
+            icon=":material/save:",
+            type="primary",
+            on_click=_save,
+            args=(store, run.run_id, model_id, settings_hash, metrics),
+        )
+    if saved_rows:
+        st.markdown("**Calibrations of this model**")
+        st.dataframe(saved_rows, hide_index=True, width="stretch")

@@ -1,0 +1,127 @@
+"""Cached NIfTI loading for the viewer: each checked path is read once per (path, mtime, size) and kept
+as a read-only canonical (RAS) volume with its display statistics, so switching scans, planes and
+slices costs no disk access."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import streamlit as st
+from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
+
+from anomaly.viz import CanonicalVolume, auto_window, to_canonical
+
+SAMPLE_VOXELS = 400_000
+"""Voxels (an even stride through the volume) behind the percentiles of the display statistics."""
+
+MAX_CACHED_VOLUMES = 24
+"""Volumes kept in memory (about eight scans with input, map and reconstruction)."""
+
+
+class VolumeLoadError(RuntimeError):
+    """A recorded file that exists but cannot be read as a 3D volume."""
+
+
+@dataclass(frozen=True)
+class LoadedVolume:
+    """A canonical volume with what the viewer needs to draw it: auto window and value range."""
+
+    volume: CanonicalVolume
+    window: tuple[float, float]
+    vmin: float
+    vmax: float
+    p99: float
+    """99th percentile of the non-zero values (a default overlay threshold when no calibration exists)."""
+
+
+def read_canonical(path: str | Path) -> LoadedVolume:
+    """Read a NIfTI file (no cache) into a read-only RAS volume with statistics."""
+    try:
+        image = nib.load(str(path))
+        data = np.asarray(image.get_fdata(dtype=np.float32))
+    except Exception as exc:  # noqa: BLE001 - any reading failure is reported with the file
+        raise VolumeLoadError(f"{path}: cannot be read as NIfTI ({type(exc).__name__}: {exc})") from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise VolumeLoadError(f"{path}: expected a 3D volume, found shape {data.shape}")
+    volume = to_canonical(data, image.affine)
+    sample = data.reshape(-1)
+    if sample.size > SAMPLE_VOXELS:
+        sample = sample[:: int(np.ceil(sample.size / SAMPLE_VOXELS))]
+    if np.isfinite(data).all():
+        vmin, vmax = (float(data.min()), float(data.max())) if data.size else (0.0, 1.0)
+    else:
+        finite = sample[np.isfinite(sample)]
+        vmin, vmax = (float(np.nanmin(data)), float(np.nanmax(data))) if finite.size else (0.0, 1.0)
+    nonzero = sample[np.isfinite(sample) & (sample != 0)]
+    p99 = float(np.percentile(nonzero, 99)) if nonzero.size else vmax
+    return LoadedVolume(volume, auto_window(sample), vmin, vmax, p99)
+
+
+@st.cache_resource(max_entries=MAX_CACHED_VOLUMES, show_spinner=False)
+def _cached(path: str, mtime_ns: int, size: int) -> LoadedVolume:
+    return read_canonical(path)
+
+
+def load(path: Path) -> LoadedVolume:
+    """The cached volume at an already checked path; a changed file (mtime or size) is read again."""
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise VolumeLoadError(
+            f"{path}: file not found ({exc.strerror}); was the output folder moved or cleaned?"
+        ) from exc
+    return _cached(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def load_many(paths: Sequence[Path]) -> list[LoadedVolume | VolumeLoadError]:
+    """:func:`load` for several files at once, read in parallel threads (decompression runs outside
+    the GIL); each item is the volume or the error that file gave."""
+    ctx = get_script_run_ctx()
+
+    def one(path: Path) -> LoadedVolume | VolumeLoadError:
+        if ctx is not None:
+            add_script_run_ctx(threading.current_thread(), ctx)
+        try:
+            return load(path)
+        except VolumeLoadError as exc:
+            return exc
+
+    if len(paths) <= 1:
+        return [one(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(4, len(paths)), thread_name_prefix="nifti") as pool:
+        return list(pool.map(one, paths))
+
+
+_prefetching = threading.Lock()
+
+
+def prefetch(paths: Sequence[Path]) -> bool:
+    """Read files into the cache in a background thread (e.g. the next scan while the current one is
+    reviewed); skipped when a prefetch is already running. Errors are ignored here: they show when
+    the scan is opened."""
+    if not paths or not _prefetching.acquire(blocking=False):
+        return False
+    ctx = get_script_run_ctx()
+
+    def work() -> None:
+        try:
+            if ctx is not None:
+                add_script_run_ctx(threading.current_thread(), ctx)
+            for path in paths:
+                try:
+                    load(path)
+                except Exception:  # noqa: BLE001 - reported when the scan is opened
+                    continue
+        finally:
+            _prefetching.release()
+
+    threading.Thread(target=work, name="nifti-prefetch", daemon=True).start()
+    return True

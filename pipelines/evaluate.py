@@ -369,7 +369,24 @@ def evaluate_run(store: Store, run_id: int | None, labels_dir: str | os.PathLike
                        "note": "pixel maps and scan scores rescaled by one shared affine map to [0, 1] "
                                "(global minimum and maximum), so every ranking is kept"}
     files["summary"] = _write_json(out / "summary.json", summary)
+    record_label_paths(store, run_id, {s.input_path: s.label_path for s in paired if s.label_path is not None})
     return EvaluationReport(out_dir=out, summary=summary, rows=list(rows.values()), files=files)
+
+
+def record_label_paths(store: Store, run_id: int, labels: dict[str, Path]) -> int:
+    """Remember each result's label mask (``details["label_path"]``) so the dashboard can draw voxel curves."""
+    from sqlalchemy import select
+
+    from anomaly.store.schema import Result
+
+    updated = 0
+    with store.session() as s:
+        for result in s.scalars(select(Result).where(Result.run_id == run_id)):
+            label = labels.get(result.input_path)
+            if label is not None:
+                result.details = {**(result.details or {}), "label_path": str(Path(label).resolve())}
+                updated += 1
+    return updated
 
 
 def _mean(values: Iterable[Any]) -> float | None:

@@ -224,3 +224,24 @@ def test_missing_labels_and_unknown_run_are_clear_errors(evaluated: dict[str, Pa
     assert "no scan of run 2 has a label file" in capsys.readouterr().err
     assert main([*base, "--run", "99"]) == 2
     assert "run 99 does not exist" in capsys.readouterr().err
+
+
+def test_evaluation_records_label_paths_for_the_dashboard(tmp_path: Path) -> None:
+    from sqlalchemy import select
+
+    from anomaly.store import open_store
+    from anomaly.store.schema import Result
+
+    data = phantom(lesion=True)
+    write_nifti(tmp_path / "in" / "sick.nii.gz", data)
+    write_nifti(tmp_path / "labels" / "sick.nii.gz", (data > 150).astype(np.uint8), dtype=np.uint8)
+    db = tmp_path / "e.db"
+    assert main(["score", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--model", "intensity",
+                "--db", str(db), "--quiet"]) == 0
+    assert main(["evaluate", "--db", str(db), "--run", "latest", "--labels", str(tmp_path / "labels"),
+                "--quiet"]) == 0
+    store = open_store(str(db))
+    with store.session() as s:
+        details = s.scalars(select(Result)).one().details
+    store.close()
+    assert Path(details["label_path"]) == (tmp_path / "labels" / "sick.nii.gz").resolve()

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-VERBS = ("score", "calibrate", "evaluate", "export", "models", "sample-data", "dashboard")
+VERBS = ("score", "calibrate", "evaluate", "export", "models", "sample-data", "train", "dashboard")
 
 
 def build_parser() -> argparse.ArgumentParser:

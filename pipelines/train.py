@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from diffusers import AutoencoderKL
@@ -17,6 +19,8 @@ from anomaly.training.config import TrainRecipe
 from anomaly.training.data import SliceSet, build_slice_set, find_sources, matches_exclusion
 from anomaly.training.healer import train_healer
 from anomaly.training.vae import train_vae
+
+T = TypeVar("T", bound=torch.nn.Module)
 
 
 def input_spec(recipe: TrainRecipe) -> InputSpec:
@@ -63,8 +67,8 @@ def run_recipe(recipe: TrainRecipe, *, out: str | None = None, resume: bool = Tr
         result = train_vae(train, val, recipe.vae, work, slice_size=spec.slice_size, seed=recipe.seed,
                            resume=resume, progress=progress, log=log)
         extra["vae_training"] = {"steps": result.step, "best_val_l1": result.best_val, "stopped": result.stopped}
-        save_model_folder(folder, result.model, name=recipe.name, input_spec=spec, map_config=map_config,
-                          extra=_json_safe(extra))
+        save_model_folder(folder, _for_saving(result.model, recipe.save_fp16), name=recipe.name, input_spec=spec,
+                          map_config=map_config, extra=_json_safe(extra))
         vae = result.model
     else:
         vae_dir = folder / "vae"
@@ -78,10 +82,16 @@ def run_recipe(recipe: TrainRecipe, *, out: str | None = None, resume: bool = Tr
                               resume=resume, progress=progress, log=log)
         extra = {**prior, **extra, "healer_training": {"steps": result.step, "best_val_mse": result.best_val,
                                                        "stopped": result.stopped}}
-        save_model_folder(folder, vae, name=recipe.name, input_spec=spec, restoration=result.model,
-                          map_config=map_config, extra=_json_safe(extra))
+        save_model_folder(folder, _for_saving(vae, recipe.save_fp16), name=recipe.name, input_spec=spec,
+                          restoration=_for_saving(result.model, recipe.save_fp16), map_config=map_config,
+                          extra=_json_safe(extra))
     log(f"model folder written: {folder}")
     return folder
+
+
+def _for_saving(module: T, fp16: bool) -> T:
+    """A float16 copy of a module for writing (weights load back as float32), or the module itself."""
+    return copy.deepcopy(module).half() if fp16 else module
 
 
 def _previous_extra(folder: Path) -> dict:

@@ -110,3 +110,23 @@ def test_named_model_found_in_models_dir(tiny_vae_folder: Path, tmp_path: Path,
     shutil.copytree(tiny_vae_folder, tmp_path / "sd-vae-ft-mse")
     model = load_model("sd-vae-ft-mse")
     assert model.name == "sd-vae-ft-mse"
+
+
+def test_intensity_term_adds_the_unclamped_input(tiny_vae_folder: Path) -> None:
+    from dataclasses import replace
+
+    model = load_model(tiny_vae_folder)
+    x = _slices() * 1.4
+    plain = model.score_slices(x).anomaly
+    model.map_config = replace(model.map_config, intensity_weight=1.5)
+    torch.testing.assert_close(model.score_slices(x).anomaly, plain + 1.5 * x)
+    with pytest.raises(ValueError, match="intensity_weight"):
+        replace(model.map_config, intensity_weight=-1)
+
+
+def test_shipped_default_model_loads_with_its_restoration() -> None:
+    model = load_model("default")
+    assert isinstance(model, AutoencoderSliceModel) and model.restoration is not None
+    assert model.map_config.intensity_weight == 1.5 and model.input_spec.slice_size == 128
+    out = model.score_slices(_slices(2, 128), generator=torch.Generator().manual_seed(0))
+    assert out.anomaly.shape == (2, 1, 128, 128) and (out.anomaly >= 0).all()

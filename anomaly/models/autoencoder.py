@@ -17,16 +17,20 @@ from anomaly.preprocess import InputSpec
 @dataclass(frozen=True)
 class MapConfig:
     """How the map is formed: ``reference`` minus ``target``, where target is the restored decode when
-    a restoration stage exists (else the reconstruction), and ``sign`` keeps abs, positive or negative."""
+    a restoration stage exists (else the reconstruction), and ``sign`` keeps abs, positive or negative;
+    ``intensity_weight`` adds that multiple of the normalised input (an intensity term, unclamped)."""
 
     reference: str = "reconstruction"
     sign: str = "abs"
+    intensity_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.reference not in ("input", "reconstruction"):
             raise ValueError(f"map.reference must be input or reconstruction, not {self.reference!r}")
         if self.sign not in ("abs", "positive", "negative"):
             raise ValueError(f"map.sign must be abs, positive or negative, not {self.sign!r}")
+        if self.intensity_weight < 0:
+            raise ValueError(f"map.intensity_weight must be >= 0, not {self.intensity_weight}")
 
 
 class AutoencoderSliceModel(SliceModel):
@@ -77,13 +81,14 @@ class AutoencoderSliceModel(SliceModel):
 
     @torch.inference_mode()
     def score_slices(self, x: torch.Tensor, generator: torch.Generator | None = None) -> SliceOutput:
+        intensity = self.map_config.intensity_weight * x if self.map_config.intensity_weight else 0
         x = x.clamp(0, 1)
         with self._autocast():
             z = self.vae.encode(self._to_model(x)).latent_dist.mode()
             recon = self._from_model(self.vae.decode(z).sample)
             if self.restoration is None:
-                return SliceOutput(anomaly=_signed(x - recon, "abs" if self.map_config.sign == "abs"
-                                                   else self.map_config.sign), reconstruction=recon)
+                residual = _signed(x - recon, self.map_config.sign)
+                return SliceOutput(anomaly=residual + intensity, reconstruction=recon)
             draws = max(1, int(self.restoration.config.draws))
             reference = x if self.map_config.reference == "input" else recon
             total = torch.zeros_like(x)
@@ -93,7 +98,7 @@ class AutoencoderSliceModel(SliceModel):
                 decoded = self._from_model(self.vae.decode(zh).sample)
                 healed += decoded / draws
                 total += _signed(reference - decoded, self.map_config.sign) / draws
-        return SliceOutput(anomaly=total, reconstruction=healed)
+        return SliceOutput(anomaly=total + intensity, reconstruction=healed)
 
     def identity(self) -> ModelIdentity:
         config: dict[str, Any] = {

@@ -1,0 +1,144 @@
+"""Typed training recipes parsed from YAML: data, VAE stage, healer stage, output."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from anomaly.config import ConfigError, load_yaml
+from anomaly.training.augment import AugmentConfig
+
+#: The project's held-out evaluation cases: refused by every recipe, whatever its own list says.
+EVALUATION_CASES: tuple[str, ...] = (
+    "mricron/templates/ch2", "mricron/templates/ch2bet", "mricron/templates/ch2better", "colin27", "ms-open/patient26", "brats2013/pat0001", "brats2013/pat0002",
+    "brats2018/Brats18_TCIA10_639_1",
+)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which volumes to train on (glob patterns, relative to the recipe's ``base``), which lesion mask
+    names to look for beside them, what to keep out, and which cases form the validation split."""
+
+    volumes: tuple[str, ...] = ()
+    lesion_masks: tuple[str, ...] = ("lesion_mask.nii.gz", "tumor_labels.nii.gz")
+    exclude: tuple[str, ...] = EVALUATION_CASES
+    validation: tuple[str, ...] = ()
+    dilate_mm: float = 5.0
+    base: str = "."
+    slice_size: int = 128
+    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
+
+    @property
+    def all_excluded(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((*EVALUATION_CASES, *self.exclude)))
+
+
+@dataclass(frozen=True)
+class VaeTrainConfig:
+    """The slice ``AutoencoderKL`` and its optimisation: L1 (+ SSIM), small KL, optional denoising;
+    ``crop_size`` > 0 trains on random square crops of the slices (the network is convolutional, so it
+    still runs on whole slices; a quarter of the pixels makes a step about four times cheaper) up to step
+    ``crop_until_step`` (0 = throughout), then whole slices in batches of ``full_batch_size``, because
+    GroupNorm statistics of crops differ from those of whole slices."""
+
+    block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    batch_size: int = 16
+    crop_size: int = 0
+    crop_until_step: int = 0
+    full_batch_size: int = 0
+    lr: float = 2e-4
+    max_steps: int = 2000
+    max_minutes: float = 0.0
+    kl_weight: float = 1e-6
+    ssim_weight: float = 0.0
+    denoise_std: float = 0.0
+    denoise_grid: int = 16
+    val_every: int = 100
+    patience: int = 0
+    bf16: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class HealerTrainConfig:
+    """The latent ``UNet2DModel`` (epsilon prediction, DDPM steps) and how healing runs at scoring."""
+
+    block_out_channels: tuple[int, ...] = (64, 128, 128)
+    attention: tuple[bool, ...] = (False, True, True)
+    layers_per_block: int = 2
+    num_train_timesteps: int = 1000
+    augmented_copies: int = 4
+    batch_size: int = 64
+    lr: float = 2e-4
+    max_steps: int = 3000
+    max_minutes: float = 0.0
+    ema_decay: float = 0.999
+    val_every: int = 200
+    patience: int = 0
+    bf16: bool = True
+    t0: int = 250
+    steps: int = 5
+    draws: int = 1
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """A whole training recipe: ``stage`` is ``vae``, ``healer`` or ``both``; ``save_fp16`` halves the
+    weight files (they load back as float32)."""
+
+    name: str = "model"
+    stage: str = "both"
+    out: str = "runs/model"
+    seed: int = 0
+    threads: int = 0
+    map_reference: str = "reconstruction"
+    map_sign: str = "positive"
+    save_fp16: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VaeTrainConfig = field(default_factory=VaeTrainConfig)
+    healer: HealerTrainConfig = field(default_factory=HealerTrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("vae", "healer", "both"):
+            raise ConfigError(f"stage must be vae, healer or both, not {self.stage!r}")
+
+
+def build(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
+    """A frozen config dataclass from a mapping; nested dataclasses by their field types; unknown keys refused."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(where + k for k in unknown)}; "
+                          f"allowed: {', '.join(where + k for k in sorted(fields))}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = build(hint, value, f"{where}{name}.")
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"bad settings {where or cls.__name__}: {exc}") from exc
+
+
+def load_recipe(path: str | os.PathLike[str], **overrides: Any) -> TrainRecipe:
+    """A recipe from YAML; a relative ``data.base`` is taken relative to the current directory."""
+    data = load_yaml(path)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    recipe = build(TrainRecipe, data)
+    if not recipe.data.volumes and recipe.stage != "healer":
+        raise ConfigError(f"{Path(path)}: data.volumes is empty; list the training volumes (glob patterns)")
+    return recipe

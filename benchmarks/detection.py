@@ -1,0 +1,172 @@
+"""Detection quality on the held-out evaluation cases: the default model against the intensity baseline.
+
+Real lesions (MS on T2/FLAIR, gliomas on T2/FLAIR) and Colin27 (T1) with synthetic lesions, all kinds
+and the in-range kinds only. Prints voxel AUROC, voxel AUPRC, best Dice (an oracle: the threshold is
+chosen on the same voxels) and scan AUROC where normal scans exist, per dataset and contrast, with
+seconds per brain. Not a test. Usage: python benchmarks/detection.py [--models default intensity] [DATA_DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anomaly.config import ScoringSettings
+from anomaly.metrics import auprc, auroc, best_dice, scan_auroc
+from anomaly.models import AutoencoderSliceModel, load_model
+from anomaly.models.base import SliceModel
+from anomaly.models.folder import ModelLoadError
+from anomaly.scoring import score_volume
+from anomaly.synth import IN_RANGE_KINDS, KINDS, add_lesions
+from anomaly.volume import Volume, load_mask, load_volume
+
+COLIN = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
+
+
+@dataclass
+class Case:
+    """One evaluation scan: its group (dataset / contrast), the volume and its ground truth (None = normal)."""
+
+    group: str
+    name: str
+    volume: Volume
+    truth: np.ndarray | None
+
+
+def real_cases(root: Path) -> list[Case]:
+    spec = [("ms-open", "patient26", ("t2", "flair"), "lesion_mask"),
+            ("brats2013", "pat0001", ("flair",), "tumor_labels"),
+            ("brats2013", "pat0002", ("flair",), "tumor_labels"),
+            ("brats2018", "Brats18_TCIA10_639_1", ("t2", "flair"), "tumor_labels")]
+    cases = []
+    for dataset, case, contrasts, label in spec:
+        folder = root / dataset / case
+        if not folder.is_dir():
+            print(f"skipped {folder}: not found")
+            continue
+        truth = load_mask(folder / f"{label}.nii.gz")
+        for contrast in contrasts:
+            cases.append(Case(f"{dataset} {contrast.upper()}", f"{case}/{contrast}",
+                              load_volume(folder / f"{contrast}.nii.gz"), truth))
+    return cases
+
+
+def colin_cases(seeds: tuple[int, ...] = (1, 2, 3)) -> list[Case]:
+    """Colin27 T1 with synthetic lesions (all kinds; in-range kinds only), and Colin27 itself plus its
+    left-right mirror as the normal scans for scan AUROC."""
+    if not COLIN.is_file():
+        print(f"skipped Colin27: {COLIN} not found (Debian package mricron-data)")
+        return []
+    colin = load_volume(COLIN)
+    brain = colin.data > 0
+    cases = [Case("colin27 normal", "colin27", colin, None),
+             Case("colin27 normal", "colin27-mirror", Volume(colin.data[::-1].copy(), colin.affine, COLIN), None)]
+    for label, kinds in (("all kinds", KINDS), ("in-range", tuple(sorted(IN_RANGE_KINDS)))):
+        for seed in seeds:
+            data, truth = add_lesions(colin.data, brain, colin.spacing, kinds=kinds, n=4, seed=seed,
+                                      radius_mm=(5.0, 12.0))
+            cases.append(Case(f"colin27 T1 synthetic {label}", f"colin27-{label}-{seed}",
+                              Volume(data.astype(np.float32), colin.affine, COLIN), truth))
+    return cases
+
+
+def build_model(spec: str, precision: str) -> SliceModel:
+    """``NAME``, or ``NAME+Wx``: the model with its map's intensity term set to W (``default+0x`` is the
+    learned map alone; the shipped ``default`` carries W = 1.5)."""
+    if "+" in spec and spec.endswith("x"):
+        name, weight = spec.split("+", 1)
+        model = load_model(name, precision=precision)
+        if not isinstance(model, AutoencoderSliceModel):
+            raise ModelLoadError(f"{name}: only autoencoder models carry an intensity term")
+        model.map_config = replace(model.map_config, intensity_weight=float(weight[:-1]))
+        model.name = spec
+        return model
+    return load_model(spec, precision=precision)
+
+
+def evaluate(model_name: str, cases: list[Case], settings: ScoringSettings) -> dict[str, dict[str, float]]:
+    try:
+        model = build_model(model_name, settings.precision)
+    except ModelLoadError as exc:
+        print(f"skipped model {model_name}: {exc}")
+        return {}
+    scores, voxels, seconds = defaultdict(list), defaultdict(lambda: ([], [])), defaultdict(list)
+    scan_scores: dict[str, list[tuple[float, bool]]] = defaultdict(list)
+    for case in cases:
+        t0 = time.perf_counter()
+        maps = score_volume(case.volume, model, settings)
+        seconds[case.group].append(time.perf_counter() - t0)
+        colin_family = case.group.startswith("colin27")
+        if case.truth is None:
+            for group in {c.group for c in cases if c.group.startswith("colin27 T1")}:
+                scan_scores[group].append((maps.score, False))
+            continue
+        inside = maps.brain_mask
+        voxels[case.group][0].append(maps.anomaly[inside])
+        voxels[case.group][1].append(case.truth[inside])
+        if colin_family:
+            scan_scores[case.group].append((maps.score, True))
+        scores[case.group].append(maps.score)
+    table: dict[str, dict[str, float]] = {}
+    for group, (values, labels) in voxels.items():
+        v, y = np.concatenate(values), np.concatenate(labels)
+        row = {"auroc": auroc(v, y), "auprc": auprc(v, y), "dice*": best_dice(v, y)[0],
+               "prevalence": float(y.mean()), "s/brain": float(np.mean(seconds[group])), "n": len(values)}
+        pairs = scan_scores.get(group, [])
+        row["scan_auroc"] = (scan_auroc([p[0] for p in pairs], [p[1] for p in pairs])
+                             if pairs and len({p[1] for p in pairs}) == 2 else float("nan"))
+        table[group] = row
+    return table
+
+
+def print_table(results: dict[str, dict[str, dict[str, float]]]) -> None:
+    header = f"| {'dataset / contrast':36} | {'model':13} | voxel AUROC | voxel AUPRC | best Dice (oracle) | scan AUROC | s/brain |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    groups = sorted({g for table in results.values() for g in table})
+    for group in groups:
+        for model, table in results.items():
+            if group not in table:
+                continue
+            r = table[group]
+            scan = "n/a" if np.isnan(r["scan_auroc"]) else f"{r['scan_auroc']:.3f}"
+            print(f"| {group + ' (n=' + str(r['n']) + ')':36} | {model:13} | {r['auroc']:11.3f} | {r['auprc']:11.3f} | "
+                  f"{r['dice*']:18.3f} | {scan:>10} | {r['s/brain']:7.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", nargs="?", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    parser.add_argument("--models", nargs="+", default=["default", "default+0x", "intensity", "medical-vae", "sd-vae-ft-mse"],
+                        help="registry names or folders; NAME+Wx sets the intensity term of NAME's map to W")
+    parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-colin", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    cases = real_cases(Path(args.data)) + ([] if args.no_colin else colin_cases())
+    settings = ScoringSettings(precision=args.precision)
+    print(f"# detection benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"{args.precision}")
+    results = {}
+    for name in args.models:
+        table = evaluate(name, cases, settings)
+        if table:
+            results[name] = table
+    print_table(results)
+    print("best Dice is an oracle (threshold chosen on the same voxels); scan AUROC: Colin27 with lesions "
+          "against Colin27 and its mirror image (n/a where a group has no normal scans)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Scoring throughput on real brains: sequential vs read-ahead executor, fp32 vs bf16.
+
+Prints seconds per brain for each variant and ratios against the sequential fp32 baseline run in the
+same process. Usage: python benchmarks/scoring_speed.py [--model default] [--n 4] [DATA_DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from anomaly.config import ScoringSettings
+from anomaly.models import load_model
+from anomaly.volume import file_sha256
+from pipelines.executors import LocalExecutor
+from pipelines.work import ScanTask, score_scan
+
+
+def brains(root: Path, n: int) -> list[Path]:
+    found = sorted(root.glob("ms-open/patient*/t2.nii.gz")) + sorted(root.glob("brats2018/*/t2.nii.gz"))
+    if not found:
+        raise SystemExit(f"no T2 volumes under {root}; pass the shared data folder")
+    return found[:n]
+
+
+def run(paths: list[Path], model_name: str, precision: str, read_ahead: bool, out: Path) -> float:
+    model = load_model(model_name, precision=precision)
+    settings = ScoringSettings(precision=precision)
+    tasks = [ScanTask(p, f"{p.parent.name}_{i}", file_sha256(p), out) for i, p in enumerate(paths)]
+    start = time.perf_counter()
+    if read_ahead:
+        outcomes = list(LocalExecutor().map(tasks, model, settings))
+    else:
+        outcomes = [score_scan(t, model, settings) for t in tasks]
+    seconds = time.perf_counter() - start
+    bad = [o.error for o in outcomes if o.status != "ok"]
+    if bad:
+        raise SystemExit(f"scoring failed: {bad}")
+    return seconds / len(paths)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("data", nargs="?", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--n", type=int, default=3)
+    args = parser.parse_args()
+    paths = brains(Path(args.data), args.n)
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / "anomaly-bench"
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; model {args.model}; {len(paths)} brains")
+    run(paths[:1], args.model, "fp32", False, out)  # warm-up: first-call allocations and lazy imports
+    base = run(paths, args.model, "fp32", False, out)
+    print(f"sequential fp32   {base:6.2f} s/brain   1.00x")
+    for label, precision, ahead in (("read-ahead fp32", "fp32", True), ("sequential bf16", "bf16", False),
+                                    ("read-ahead bf16", "bf16", True)):
+        t = run(paths, args.model, precision, ahead, out)
+        print(f"{label:17s} {t:6.2f} s/brain   {base / t:4.2f}x")
+
+
+if __name__ == "__main__":
+    main()

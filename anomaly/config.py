@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -90,20 +91,20 @@ class ScoringSettings:
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
-    """Build a frozen config dataclass from a mapping, refusing unknown keys with their names."""
+    """Build a frozen config dataclass from a mapping: nested dataclasses by their field types, lists as
+    tuples, unknown keys refused with their dotted names (so a typo never passes silently)."""
     data = dict(data or {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"unknown setting(s) {', '.join(where + k for k in unknown)}; "
-            f"allowed: {', '.join(where + k for k in fields)}"
-        )
+        raise ConfigError(f"unknown setting(s) {', '.join(where + k for k in unknown)}; "
+                          f"allowed: {', '.join(where + k for k in fields)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        sub = _nested.get((cls.__name__, name))
-        if sub is not None:
-            kwargs[name] = from_dict(sub, value, f"{where}{name}.")
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+            kwargs[name] = from_dict(hint, value, f"{where}{name}.")
         elif isinstance(value, list):
             kwargs[name] = tuple(value)
         else:
@@ -112,13 +113,6 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"bad settings {where or cls.__name__}: {exc}") from exc
-
-
-_nested: dict[tuple[str, str], type] = {
-    ("ScoringSettings", "preprocess"): PreprocessConfig,
-    ("ScoringSettings", "postprocess"): PostprocessConfig,
-    ("ScoringSettings", "score"): ScoreConfig,
-}
 
 
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:

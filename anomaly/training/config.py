@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anomaly.config import ConfigError, load_yaml
+from anomaly.config import ConfigError, from_dict, load_yaml
 from anomaly.training.augment import AugmentConfig
 
 #: The project's held-out evaluation cases: refused by every recipe, whatever its own list says.
@@ -110,35 +108,11 @@ class TrainRecipe:
             raise ConfigError(f"stage must be vae, healer or both, not {self.stage!r}")
 
 
-def build(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
-    """A frozen config dataclass from a mapping; nested dataclasses by their field types; unknown keys refused."""
-    data = dict(data or {})
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(where + k for k in unknown)}; "
-                          f"allowed: {', '.join(where + k for k in sorted(fields))}")
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = build(hint, value, f"{where}{name}.")
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"bad settings {where or cls.__name__}: {exc}") from exc
-
-
 def load_recipe(path: str | os.PathLike[str], **overrides: Any) -> TrainRecipe:
     """A recipe from YAML; a relative ``data.base`` is taken relative to the current directory."""
     data = load_yaml(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
-    recipe = build(TrainRecipe, data)
+    recipe = from_dict(TrainRecipe, data)
     if not recipe.data.volumes and recipe.stage != "healer":
         raise ConfigError(f"{Path(path)}: data.volumes is empty; list the training volumes (glob patterns)")
     return recipe

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from anomaly.fileio import write_text_atomic
 from anomaly.metrics import RankedScores, auroc, cast_thresholds
 
 METHODS = ("healthy-fpr", "labelled-dice")
@@ -87,17 +87,7 @@ class CalibrationResult:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write as JSON atomically (temporary file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(self.to_dict(), handle, indent=2, allow_nan=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CalibrationResult:

@@ -8,8 +8,6 @@ project's held-out evaluation brain: it is never to be used for training.
 from __future__ import annotations
 
 import importlib.resources
-import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +15,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from anomaly.fileio import write_text_atomic
 from anomaly.synth import KINDS, add_lesions
-from anomaly.volume import FILE_MODE, Volume, load_volume, save_nifti
+from anomaly.volume import Volume, load_volume, save_nifti
 
 MNI_NAME = "mni152_2009c"
 COLIN_NAME = "colin27"
@@ -217,17 +216,7 @@ def _write_text(path: Path, text: str) -> Path:
     """Write a text file atomically, leaving it untouched when the content is already the same."""
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, text)
 
 
 def _readme(sources: list[_Source], n_copies: int, seed: int, n_calibration: int = 0) -> str:

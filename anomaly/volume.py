@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import BinaryIO
 import nibabel as nib
 import numpy as np
 from nibabel.volumeutils import array_from_file
+
+from anomaly.fileio import atomic_path
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -31,13 +32,6 @@ AFFINE_ATOL = 1e-3
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _read_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-FILE_MODE = 0o666 & ~_read_umask()  # what open() would give a new file; mkstemp alone gives 0o600
 _HINT_COPY_AGAIN = "the copy or download did not finish or the file is damaged: copy it again from the source"
 _HINT_NIFTI = "supply a NIfTI-1 or NIfTI-2 file (.nii or .nii.gz)"
 
@@ -158,20 +152,11 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike[st
                dtype: np.dtype | type = np.float32) -> Path:
     """Write a NIfTI atomically: a temporary file in the same folder, then a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = nib.Nifti1Image(np.asarray(array, dtype=dtype), np.asarray(affine, dtype=np.float64))
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(image, tmp)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=".nii.gz" if path.name.endswith(".gz") else ".nii") as tmp:
+        nib.save(image, str(tmp))
     return path
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -21,6 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from anomaly.config import ScoringSettings
+from anomaly.fileio import atomic_path
 from anomaly.models.base import SliceModel
 from anomaly.outputs import KINDS
 from anomaly.store import (
@@ -256,18 +256,11 @@ def write_csv(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]],
     """Write rows as CSV atomically (temporary file, then rename)."""
     rows = list(rows)
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
     cols = list(columns or (rows[0].keys() if rows else CSV_COLUMNS))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent, text=True)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=cols, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=cols, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
     return path
 
 

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,6 +27,7 @@ from sqlalchemy import func, select
 from tqdm import tqdm
 
 from anomaly.calibration import apply_threshold
+from anomaly.fileio import write_text_atomic
 from anomaly.metrics import LesionStats, RankedScores, lesion_detection, scan_auroc
 from anomaly.mood import MoodItem, export_mood
 from anomaly.outputs import sibling
@@ -224,17 +224,7 @@ def curve_at_quantiles(ranked: RankedScores, points: int = CURVE_POINTS) -> tupl
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(to_jsonable(data), handle, indent=2, allow_nan=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(to_jsonable(data), indent=2, allow_nan=False) + "\n")
 
 
 def _plots(ranked: RankedScores, summary: dict[str, Any], scores: Sequence[float], scan_truth: Sequence[bool],

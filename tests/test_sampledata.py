@@ -17,7 +17,8 @@ from anomaly.sampledata import (
     load_mni152_brain,
     make_sample_data,
 )
-from anomaly.volume import FILE_MODE, Volume, load_mask, load_volume
+from anomaly.fileio import FILE_MODE
+from anomaly.volume import Volume, load_mask, load_volume
 
 
 def test_make_sample_data_writes_brains_lesions_and_labels(tmp_path: Path) -> None:

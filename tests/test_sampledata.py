@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from anomaly.fileio import FILE_MODE
 from anomaly.sampledata import (
     COLIN_NAME,
     MNI_NAME,
@@ -17,7 +18,6 @@ from anomaly.sampledata import (
     load_mni152_brain,
     make_sample_data,
 )
-from anomaly.fileio import FILE_MODE
 from anomaly.volume import Volume, load_mask, load_volume
 
 

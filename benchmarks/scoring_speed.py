@@ -34,7 +34,7 @@ def run(paths: list[Path], model_name: str, precision: str, read_ahead: bool, ou
     tasks = [ScanTask(p, f"{p.parent.name}_{i}", file_sha256(p), out) for i, p in enumerate(paths)]
     start = time.perf_counter()
     if read_ahead:
-        outcomes = list(LocalExecutor().map(tasks, model, settings))
+        outcomes = list(LocalExecutor(prefetch=2).map(tasks, model, settings))
     else:
         outcomes = [score_scan(t, model, settings) for t in tasks]
     seconds = time.perf_counter() - start

@@ -188,3 +188,23 @@ def test_interrupted_batch_resumes_without_duplicates(tmp_path: Path, tiny_heale
     assert _db_rows(db, "select count(*) from results where status='ok'")[0][0] == n
     assert len(list(out.glob("*_anomaly.nii.gz"))) == n
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left behind
+
+
+def test_read_ahead_gives_the_same_outcomes_in_order(tmp_path: Path, tiny_vae_folder: Path) -> None:
+    from anomaly.config import ScoringSettings
+    from anomaly.models import load_model
+    from anomaly.volume import file_sha256
+    from pipelines.executors import LocalExecutor
+    from pipelines.work import ScanTask
+
+    paths = [write_nifti(tmp_path / f"s{i}.nii.gz", phantom(seed=i)) for i in range(3)]
+    (tmp_path / "bad.nii.gz").write_text("x")
+    paths.insert(1, tmp_path / "bad.nii.gz")
+    model = load_model(tiny_vae_folder)
+    runs = {}
+    for ahead in (0, 2):
+        tasks = [ScanTask(p, f"{p.name.split('.')[0]}", file_sha256(p), tmp_path / f"out{ahead}") for p in paths]
+        runs[ahead] = list(LocalExecutor(prefetch=ahead).map(tasks, model, ScoringSettings()))
+    assert [o.task.path for o in runs[0]] == [o.task.path for o in runs[2]] == paths
+    assert [o.status for o in runs[2]] == ["ok", "failed", "ok", "ok"]
+    assert [o.score for o in runs[0]] == [o.score for o in runs[2]]

@@ -130,3 +130,12 @@ def test_shipped_default_model_loads_with_its_restoration() -> None:
     assert model.map_config.intensity_weight == 1.5 and model.input_spec.slice_size == 128
     out = model.score_slices(_slices(2, 128), generator=torch.Generator().manual_seed(0))
     assert out.anomaly.shape == (2, 1, 128, 128) and (out.anomaly >= 0).all()
+
+
+def test_missing_default_model_is_an_error_not_a_substitute(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from anomaly.models import registry
+
+    monkeypatch.setattr(registry, "PACKAGED_MODELS", tmp_path / "none")
+    monkeypatch.setenv("ANOMALY_MODELS_DIR", str(tmp_path))
+    with pytest.raises(ModelLoadError, match="reinstall the package"):
+        load_model("default")

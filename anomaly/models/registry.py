@@ -95,8 +95,6 @@ def load_model(name_or_path: str | os.PathLike[str] = "default", *, precision: s
         entry = ENTRIES[key]
         folder = entry.find()
         if folder is None:
-            if key == "default":
-                return IntensityBaseline()
             looked = ", ".join(str(p) for p in entry.candidates())
             raise ModelLoadError(f"model {key!r} has no weights on this machine (looked in {looked}); "
                                  + entry.how_to_get.format(models_dir=models_dir()))

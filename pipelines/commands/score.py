@@ -63,9 +63,6 @@ def run(args: argparse.Namespace) -> int:
     settings = load_scoring_settings(args.config, precision=args.precision, batch_size=args.batch_size,
                                      save_reconstruction=False if args.no_recon else None)
     model = load_model(args.model, precision=settings.precision, device=resolve_device(args.device))
-    if args.model == "default" and model.name == "intensity":
-        print("note: the shipped default model is not installed; scoring with the intensity baseline",
-              file=sys.stderr)
     atlas = None
     if args.calibration and args.atlas != "none":
         from anomaly.atlas import load_atlas

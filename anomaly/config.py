@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from anomaly.contrast import check_contrast_setting
+
 T = TypeVar("T")
 
 
@@ -34,6 +36,13 @@ class PreprocessConfig:
     min_slice_brain_fraction: float = 0.01
     skull_volume_ml: float = 2300.0
     min_brain_ml: float = 20.0
+    contrast: str = "auto"  # t1, t2, flair, or auto: read from the file name (see anomaly.contrast)
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "contrast", check_contrast_setting(self.contrast))
+        except ValueError as exc:
+            raise ConfigError(f"preprocess.{exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -129,8 +138,15 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def load_scoring_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> ScoringSettings:
-    """Scoring settings from a YAML file (or the defaults), with keyword overrides applied on top."""
+def load_scoring_settings(path: str | os.PathLike[str] | None = None, *, contrast: str | None = None,
+                          **overrides: Any) -> ScoringSettings:
+    """Scoring settings from a YAML file (or the defaults), with keyword overrides applied on top
+    (``contrast`` overrides ``preprocess.contrast``)."""
     data = load_yaml(path) if path else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
+    if contrast is not None:
+        preprocess = data.get("preprocess") or {}
+        if not isinstance(preprocess, dict):
+            raise ConfigError("preprocess must be a mapping of settings")
+        data["preprocess"] = {**preprocess, "contrast": contrast}
     return from_dict(ScoringSettings, data)

@@ -24,6 +24,7 @@ from monai.transforms import (
 from scipy import ndimage
 
 from anomaly.config import PreprocessConfig
+from anomaly.contrast import resolve_contrast
 from anomaly.volume import Volume, VolumeError
 
 _LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -40,7 +41,8 @@ class InputSpec:
 
 @dataclass
 class PreparedVolume:
-    """A volume on the model grid: intensities in [0, max_value] (1 = upper brain percentile), brain mask, the axial slices to score."""
+    """A volume on the model grid: intensities in [0, max_value] (1 = upper brain percentile), brain mask, the axial
+    slices to score, and the contrast it is scored as (None when neither the settings nor its file name say)."""
 
     image: np.ndarray
     mask: np.ndarray
@@ -51,6 +53,7 @@ class PreparedVolume:
     brain_volume_ml: float
     intensity_range: tuple[float, float]
     warnings: list[str] = field(default_factory=list)
+    contrast: str | None = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -153,7 +156,8 @@ def prepare_volume(volume: Volume, config: PreprocessConfig, spec: InputSpec) ->
     return PreparedVolume(
         image=image, mask=box_mask, slices=slices, affine=np.asarray(both.affine, dtype=np.float64),
         native_shape=volume.shape, native_affine=np.asarray(volume.affine, dtype=np.float64),
-        brain_volume_ml=brain_ml, intensity_range=scale.last_range, warnings=warnings)
+        brain_volume_ml=brain_ml, intensity_range=scale.last_range, warnings=warnings,
+        contrast=resolve_contrast(config.contrast, volume.path))
 
 
 def to_native(array: np.ndarray, prepared: PreparedVolume, mode: str = "bilinear") -> np.ndarray:

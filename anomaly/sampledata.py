@@ -19,8 +19,8 @@ from anomaly.fileio import write_text_atomic
 from anomaly.synth import KINDS, add_lesions
 from anomaly.volume import Volume, load_volume, save_nifti
 
-MNI_NAME = "mni152_2009c"
-COLIN_NAME = "colin27"
+MNI_NAME = "mni152_2009c_t1"
+COLIN_NAME = "colin27_t1"
 MNI_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 MNI_GM_FILE = "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"
 MNI_WM_FILE = "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"
@@ -100,7 +100,7 @@ def make_sample_data(out_dir: Path, *, include_colin: bool = True, n_lesion_copi
 
     Layout: ``healthy/<name>.nii.gz`` (skull-stripped originals), ``lesions/<name>_lesion<k>.nii.gz``
     (copies with synthetic lesions), ``labels/<name>_lesion<k>.nii.gz`` (uint8 ground truth, named like
-    the scans), ``calibration/mni152_2009c_var<k>.nii.gz`` (healthy variants of the MNI brain for label-free
+    the scans), ``calibration/mni152_2009c_t1_var<k>.nii.gz`` (healthy variants of the MNI brain for label-free
     threshold calibration; never of Colin27) and ``README.txt``. Files already present are kept (not recomputed); writes are atomic.
     """
     out_dir = Path(out_dir)

@@ -107,7 +107,8 @@ def finish_scan(loaded: Loaded, model: SliceModel, settings: ScoringSettings,
         outcome.details = {"warnings": list(loaded.prepared.warnings) + list(volume.warnings),
                            "timings": {"prepare_s": loaded.seconds, **maps.timings},
                            "brain_volume_ml": loaded.prepared.brain_volume_ml,
-                           "n_slices": int(len(loaded.prepared.slices))}
+                           "n_slices": int(len(loaded.prepared.slices)),
+                           "contrast": loaded.prepared.contrast}
         outcome.map_path = str(save_nifti(maps.anomaly, volume.affine, task.output("anomaly")))
         save_nifti(maps.brain_mask.astype(np.uint8), volume.affine, task.output("brain"), dtype=np.uint8)
         if maps.reconstruction is not None:

@@ -120,6 +120,20 @@ def test_changed_settings_score_again_in_a_new_run(tmp_path: Path) -> None:
     assert _db_rows(tmp_path / "r.db", "select count(*) from results where status='ok'")[0][0] == 2
 
 
+def test_each_scan_records_the_contrast_it_was_scored_as(tmp_path: Path) -> None:
+    import json
+
+    for seed, name in enumerate(("sub-01_T1w", "sub-01_FLAIR", "scan")):
+        write_nifti(tmp_path / "in" / f"{name}.nii.gz", phantom(seed=seed))
+    base = ["score", str(tmp_path / "in"), "--model", "intensity", "--db", str(tmp_path / "r.db"), "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "auto")]) == 0
+    assert main([*base, "--out", str(tmp_path / "t2"), "--contrast", "t2"]) == 0
+    rows = _db_rows(tmp_path / "r.db", "select run_id, input_path, details from results order by run_id, input_path")
+    seen = {(run, Path(path).name): json.loads(details)["contrast"] for run, path, details in rows}
+    assert seen == {(1, "scan.nii.gz"): None, (1, "sub-01_FLAIR.nii.gz"): "flair", (1, "sub-01_T1w.nii.gz"): "t1",
+                    (2, "scan.nii.gz"): "t2", (2, "sub-01_FLAIR.nii.gz"): "t2", (2, "sub-01_T1w.nii.gz"): "t2"}
+
+
 def test_unknown_setting_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_nifti(tmp_path / "a.nii.gz", phantom())
     config = tmp_path / "s.yaml"

@@ -32,7 +32,7 @@ def test_make_sample_data_writes_brains_lesions_and_labels(tmp_path: Path) -> No
     assert [p.name for p in manifest.labels] == [p.name for p in manifest.lesions]
     assert all(p.parent.name == "labels" for p in manifest.labels)
     if has_colin:
-        assert {p.name for p in manifest.evaluation_only} == {"colin27.nii.gz", "colin27_lesion1.nii.gz"}
+        assert {p.name for p in manifest.evaluation_only} == {"colin27_t1.nii.gz", "colin27_t1_lesion1.nii.gz"}
         assert "EVALUATION ONLY" in manifest.readme.read_text()
     else:
         assert any("Colin27 skipped" in note for note in manifest.notes)

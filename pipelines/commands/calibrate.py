@@ -6,7 +6,14 @@ import argparse
 import sys
 from typing import Any
 
-from pipelines.commands.common import UserError, add_db_option, add_model_option, new_parser, store_from
+from pipelines.commands.common import (
+    UserError,
+    add_contrast_option,
+    add_db_option,
+    add_model_option,
+    new_parser,
+    store_from,
+)
 
 EXAMPLE = ("anomaly calibrate --db results/demo.db --model intensity --healthy data/healthy --target-fpr 0.01 "
            "--scan-target-fpr 0.1 --name healthy-1pct\n"
@@ -37,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "the database file)")
     p.add_argument("--config", metavar="YAML", help="scoring settings; score later with the same file")
     p.add_argument("--precision", choices=("fp32", "bf16"), help="model arithmetic; score later with the same")
+    add_contrast_option(p)
     p.add_argument("--batch-size", type=int, help="slices per model call (speed only)")
     p.add_argument("--min-volume-ml", type=float, default=0.05,
                    help="smallest finding kept when the calibration is applied (default 0.05 mL)")
@@ -94,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.calibrate import CalibrateError, CalibrationError, run_calibration
 
     settings = load_scoring_settings(args.config, precision=args.precision, batch_size=args.batch_size,
+                                     contrast=args.contrast,
                                      save_reconstruction=False)
     model = load_model(args.model, precision=settings.precision)
     store = store_from(args)

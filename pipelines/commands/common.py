@@ -33,3 +33,10 @@ def new_parser(sub: argparse._SubParsersAction, name: str, summary: str, example
     """A verb parser whose help ends with a worked example."""
     return sub.add_parser(name, help=summary, description=summary, epilog=f"example:\n  {example}",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_contrast_option(p: argparse.ArgumentParser) -> None:
+    """``--contrast``: the MRI contrast of the scans, which decides how brightness enters the map."""
+    p.add_argument("--contrast", choices=("auto", "t1", "t2", "flair"),
+                   help="contrast of the scans (default auto: read from file names such as *_T1w, t2, flair; "
+                        "scans whose name says none count all brightness as on T2/FLAIR)")

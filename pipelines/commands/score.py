@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.commands.common import UserError, add_db_option, add_model_option, new_parser, store_from
+from pipelines.commands.common import (
+    UserError,
+    add_contrast_option,
+    add_db_option,
+    add_model_option,
+    new_parser,
+    store_from,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="apply --calibration even when it was made with other scoring settings")
     p.add_argument("--config", metavar="YAML", help="scoring settings (default: configs/score/default.yaml values)")
     p.add_argument("--precision", choices=("fp32", "bf16"), help="model arithmetic (bf16 is ~3x faster on CPUs with bf16 units)")
+    add_contrast_option(p)
     p.add_argument("--batch-size", type=int, help="slices per model call")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
     p.add_argument("--no-recon", action="store_true", help="do not write <name>_recon.nii.gz")
@@ -61,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.batch import score_batch
 
     settings = load_scoring_settings(args.config, precision=args.precision, batch_size=args.batch_size,
+                                     contrast=args.contrast,
                                      save_reconstruction=False if args.no_recon else None)
     model = load_model(args.model, precision=settings.precision, device=resolve_device(args.device))
     atlas = None

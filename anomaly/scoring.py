@@ -53,9 +53,10 @@ def infer_grid_maps(prepared: PreparedVolume, model: SliceModel, *, batch_size: 
     anomaly = np.zeros_like(prepared.image)
     recon: np.ndarray | None = None
     generator = torch.Generator().manual_seed(seed)
+    context = model.volume_context(prepared)
     for start in range(0, len(prepared.slices), batch_size):
         index = prepared.slices[start:start + batch_size]
-        out = model.score_slices(slices_to_batch(prepared.image, index), generator=generator)
+        out = model.score_slices(slices_to_batch(prepared.image, index), generator=generator, context=context)
         anomaly[:, :, index] = batch_to_slices(out.anomaly)
         if out.reconstruction is not None:
             if recon is None:

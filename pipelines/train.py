@@ -61,7 +61,9 @@ def run_recipe(recipe: TrainRecipe, *, out: str | None = None, resume: bool = Tr
         f"{len(val) if val else 0} validation slices")
     spec = input_spec(recipe)
     folder = work / "model"
-    map_config = MapConfig(reference=recipe.map_reference, sign=recipe.map_sign)
+    map_config = MapConfig(reference=recipe.map_reference, sign=recipe.map_sign,
+                           intensity_weight=recipe.map_intensity_weight,
+                           intensity_floor=dict(recipe.map_intensity_floor))
     extra = {"recipe": asdict(recipe), "training_volumes": sorted(set(train.cases))}
     if recipe.stage in ("vae", "both"):
         result = train_vae(train, val, recipe.vae, work, slice_size=spec.slice_size, seed=recipe.seed,

@@ -124,10 +124,46 @@ def test_intensity_term_adds_the_unclamped_input(tiny_vae_folder: Path) -> None:
         replace(model.map_config, intensity_weight=-1)
 
 
+def test_intensity_floor_counts_only_brightness_above_the_contrasts_percentile(tiny_vae_folder: Path) -> None:
+    import numpy as np
+
+    from anomaly.config import PreprocessConfig
+    from anomaly.models import MapConfig
+    from anomaly.preprocess import prepare_volume
+    from anomaly.volume import Volume
+    from tests.conftest import phantom
+
+    model = load_model(tiny_vae_folder)
+    model.map_config = MapConfig(sign="abs", intensity_weight=1.5, intensity_floor={"t1": 99})
+    data, affine = phantom(), np.eye(4)
+    prepared = {c: prepare_volume(Volume(data, affine, Path(f"{c}.nii.gz")), PreprocessConfig(), model.input_spec)
+                for c in ("t1", "t2", "scan")}
+    assert [p.contrast for p in prepared.values()] == ["t1", "t2", None]
+    floor = model.volume_context(prepared["t1"])
+    assert floor == pytest.approx(np.percentile(prepared["t1"].image[prepared["t1"].mask], 99)) and floor > 0.5
+    assert model.volume_context(prepared["t2"]) == 0.0 and model.volume_context(prepared["scan"]) == 0.0
+    x = _slices() * 1.4
+    base = load_model(tiny_vae_folder)
+    base.map_config = MapConfig(sign="abs")
+    residual = base.score_slices(x).anomaly
+    torch.testing.assert_close(model.score_slices(x, context=floor).anomaly,
+                               residual + 1.5 * (x - floor).clamp_min(0))
+    torch.testing.assert_close(model.score_slices(x, context=0.0).anomaly, residual + 1.5 * x)
+    # moderate brightness (0.84 here) counts on T2 but not on T1, where it is ordinary white matter
+    moderate = (x > 0.8) & (x < 0.9)
+    assert (model.score_slices(x, context=0.9).anomaly - residual)[moderate].abs().max() == 0
+    with pytest.raises(ValueError, match="unknown contrast"):
+        MapConfig(intensity_floor={"dwi": 50})
+    with pytest.raises(ValueError, match="percentile"):
+        MapConfig(intensity_floor={"t1": 150})
+
+
 def test_shipped_default_model_loads_with_its_restoration() -> None:
     model = load_model("default")
     assert isinstance(model, AutoencoderSliceModel) and model.restoration is not None
     assert model.map_config.intensity_weight == 1.5 and model.input_spec.slice_size == 128
+    assert model.map_config.sign == "abs" and model.map_config.floor_percentile("t1") == 99
+    assert model.map_config.floor_percentile("flair") == 0 and model.map_config.floor_percentile(None) == 0
     out = model.score_slices(_slices(2, 128), generator=torch.Generator().manual_seed(0))
     assert out.anomaly.shape == (2, 1, 128, 128) and (out.anomaly >= 0).all()
 

@@ -154,6 +154,8 @@ def test_train_command_runs_a_tiny_recipe_into_a_loadable_folder(tmp_path: Path,
 name: tiny
 stage: both
 save_fp16: true
+map_intensity_weight: 1.5
+map_intensity_floor: {{t1: 99}}
 data:
   base: "{data_dir}"
   volumes: ["pat*/t2.nii.gz", "brats2013/*/flair.nii.gz"]
@@ -172,7 +174,8 @@ healer: {{block_out_channels: [16, 32], attention: [false, true], layers_per_blo
     assert args.func(args) == 0
     folder = tmp_path / "run" / "model"
     model = load_model_folder(folder)
-    assert model.restoration is not None and model.map_config.sign == "positive"
+    assert model.restoration is not None and model.map_config.sign == "abs"
+    assert model.map_config.intensity_weight == 1.5 and model.map_config.intensity_floor == {"t1": 99.0}
     volumes = json.loads((folder / "anomaly_model.json").read_text())["training_volumes"]
     assert volumes and not any(v.startswith(("pat0001", "pat2")) for v in volumes)
 

@@ -3,26 +3,34 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
+from anomaly.contrast import CONTRASTS
 from anomaly.models.base import ModelIdentity, SliceModel, SliceOutput
 from anomaly.models.restoration import LatentDiffusionHealer
-from anomaly.preprocess import InputSpec
+from anomaly.preprocess import InputSpec, PreparedVolume
 
 
 @dataclass(frozen=True)
 class MapConfig:
     """How the map is formed: ``reference`` minus ``target``, where target is the restored decode when
     a restoration stage exists (else the reconstruction), and ``sign`` keeps abs, positive or negative;
-    ``intensity_weight`` adds that multiple of the normalised input (an intensity term, unclamped)."""
+    ``intensity_weight`` adds that multiple of the normalised input above a floor (an intensity term).
+
+    ``intensity_floor`` maps a contrast (t1, t2, flair, or ``unknown``) to a brain intensity percentile:
+    only brightness above that percentile of the scan's own brain counts. Bright tissue is normal on
+    T1 (white matter), so there a high floor keeps only what is brighter than nearly all normal tissue;
+    a contrast not listed counts all brightness (floor 0)."""
 
     reference: str = "reconstruction"
     sign: str = "abs"
     intensity_weight: float = 0.0
+    intensity_floor: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.reference not in ("input", "reconstruction"):
@@ -31,6 +39,17 @@ class MapConfig:
             raise ValueError(f"map.sign must be abs, positive or negative, not {self.sign!r}")
         if self.intensity_weight < 0:
             raise ValueError(f"map.intensity_weight must be >= 0, not {self.intensity_weight}")
+        floors = dict(self.intensity_floor or {})
+        for key, value in floors.items():
+            if key not in (*CONTRASTS, "unknown"):
+                raise ValueError(f"map.intensity_floor: unknown contrast {key!r}; use {', '.join(CONTRASTS)} or unknown")
+            if not 0 <= float(value) <= 100:
+                raise ValueError(f"map.intensity_floor.{key} must be a percentile in [0, 100], not {value}")
+        object.__setattr__(self, "intensity_floor", {k: float(v) for k, v in floors.items()})
+
+    def floor_percentile(self, contrast: str | None) -> float:
+        """The brain percentile below which brightness does not count, for a scan of ``contrast``."""
+        return self.intensity_floor.get(contrast or "unknown", 0.0)
 
 
 class AutoencoderSliceModel(SliceModel):
@@ -79,9 +98,22 @@ class AutoencoderSliceModel(SliceModel):
     def _from_model(y: torch.Tensor) -> torch.Tensor:
         return ((y.float().mean(dim=1, keepdim=True) + 1) / 2).clamp(0, 1).cpu()
 
+    def volume_context(self, prepared: PreparedVolume) -> float:
+        """The intensity floor of this scan: its brain's percentile that the map config names for its contrast."""
+        percentile = self.map_config.floor_percentile(prepared.contrast)
+        if not self.map_config.intensity_weight or percentile <= 0:
+            return 0.0
+        values = prepared.image[prepared.mask]
+        return float(np.percentile(values, percentile)) if values.size else 0.0
+
     @torch.inference_mode()
-    def score_slices(self, x: torch.Tensor, generator: torch.Generator | None = None) -> SliceOutput:
-        intensity = self.map_config.intensity_weight * x if self.map_config.intensity_weight else 0
+    def score_slices(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                     context: Any = None) -> SliceOutput:
+        intensity: torch.Tensor | float = 0
+        if self.map_config.intensity_weight:
+            floor = float(context or 0.0)
+            intensity = self.map_config.intensity_weight * (x - floor).clamp_min(0) if floor else \
+                self.map_config.intensity_weight * x
         x = x.clamp(0, 1)
         with self._autocast():
             z = self.vae.encode(self._to_model(x)).latent_dist.mode()

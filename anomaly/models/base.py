@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from anomaly.preprocess import InputSpec
+from anomaly.preprocess import InputSpec, PreparedVolume
 
 
 @dataclass
@@ -37,8 +37,13 @@ class SliceModel(ABC):
     input_spec: InputSpec = InputSpec()
 
     @abstractmethod
-    def score_slices(self, x: torch.Tensor, generator: torch.Generator | None = None) -> SliceOutput:
-        """Anomaly maps for one batch of slices."""
+    def score_slices(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                     context: Any = None) -> SliceOutput:
+        """Anomaly maps for one batch of slices; ``context`` is what :meth:`volume_context` gave for their scan."""
+
+    def volume_context(self, prepared: PreparedVolume) -> Any:
+        """Per-scan values a map needs beyond its slices (e.g. a brain intensity percentile); None by default."""
+        return None
 
     @abstractmethod
     def identity(self) -> ModelIdentity:

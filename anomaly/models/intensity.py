@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from anomaly.models.base import ModelIdentity, SliceModel, SliceOutput
@@ -16,7 +18,8 @@ class IntensityBaseline(SliceModel):
     def __init__(self, input_spec: InputSpec | None = None) -> None:
         self.input_spec = input_spec or InputSpec(slice_size=192, spacing=(1.0, 1.0, 1.0))
 
-    def score_slices(self, x: torch.Tensor, generator: torch.Generator | None = None) -> SliceOutput:
+    def score_slices(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                     context: Any = None) -> SliceOutput:
         return SliceOutput(anomaly=x.clone(), reconstruction=None)
 
     def identity(self) -> ModelIdentity:

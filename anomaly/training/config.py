@@ -97,7 +97,9 @@ class TrainRecipe:
     seed: int = 0
     threads: int = 0
     map_reference: str = "reconstruction"
-    map_sign: str = "positive"
+    map_sign: str = "abs"
+    map_intensity_weight: float = 0.0
+    map_intensity_floor: dict[str, float] = field(default_factory=dict)
     save_fp16: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     vae: VaeTrainConfig = field(default_factory=VaeTrainConfig)

@@ -104,7 +104,11 @@ def finish_scan(loaded: Loaded, model: SliceModel, settings: ScoringSettings,
     try:
         maps = score_prepared(loaded.prepared, model, settings)
         outcome = ScanOutcome(task, "ok", score=maps.score, facts=facts)
-        outcome.details = {"warnings": list(loaded.prepared.warnings) + list(volume.warnings),
+        warnings = list(loaded.prepared.warnings) + list(volume.warnings)
+        if loaded.prepared.contrast is None and model.uses_contrast:
+            warnings.append("contrast unknown (the file name names none): brightness counted as on T2/FLAIR; "
+                            "pass --contrast t1 (or t2, flair) if that is wrong")
+        outcome.details = {"warnings": warnings,
                            "timings": {"prepare_s": loaded.seconds, **maps.timings},
                            "brain_volume_ml": loaded.prepared.brain_volume_ml,
                            "n_slices": int(len(loaded.prepared.slices)),

@@ -222,3 +222,22 @@ def test_read_ahead_gives_the_same_outcomes_in_order(tmp_path: Path, tiny_vae_fo
     assert [o.task.path for o in runs[0]] == [o.task.path for o in runs[2]] == paths
     assert [o.status for o in runs[2]] == ["ok", "failed", "ok", "ok"]
     assert [o.score for o in runs[0]] == [o.score for o in runs[2]]
+
+
+def test_unknown_contrast_is_a_warning_when_the_map_depends_on_it(tmp_path: Path, tiny_vae_folder: Path) -> None:
+    from anomaly.config import ScoringSettings
+    from anomaly.models import MapConfig, load_model
+    from pipelines.work import ScanTask, score_scan
+
+    model = load_model(tiny_vae_folder)
+    paths = [write_nifti(tmp_path / name, phantom()) for name in ("scan.nii.gz", "t1.nii.gz")]
+    tasks = [ScanTask(p, p.name.split(".")[0], str(i), tmp_path / "out") for i, p in enumerate(paths)]
+
+    def warned(task: ScanTask) -> list[str]:
+        outcome = score_scan(task, model, ScoringSettings())
+        assert outcome.status == "ok", outcome.error
+        return [w for w in outcome.details["warnings"] if "contrast unknown" in w]
+
+    assert not warned(tasks[0])  # a map without per-contrast terms does not care
+    model.map_config = MapConfig(intensity_weight=1.5, intensity_floor={"t1": 99})
+    assert "--contrast t1" in warned(tasks[0])[0] and not warned(tasks[1])

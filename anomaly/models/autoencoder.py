@@ -98,6 +98,10 @@ class AutoencoderSliceModel(SliceModel):
     def _from_model(y: torch.Tensor) -> torch.Tensor:
         return ((y.float().mean(dim=1, keepdim=True) + 1) / 2).clamp(0, 1).cpu()
 
+    @property
+    def uses_contrast(self) -> bool:
+        return bool(self.map_config.intensity_weight and self.map_config.intensity_floor)
+
     def volume_context(self, prepared: PreparedVolume) -> float:
         """The intensity floor of this scan: its brain's percentile that the map config names for its contrast."""
         percentile = self.map_config.floor_percentile(prepared.contrast)

@@ -41,6 +41,11 @@ class SliceModel(ABC):
                      context: Any = None) -> SliceOutput:
         """Anomaly maps for one batch of slices; ``context`` is what :meth:`volume_context` gave for their scan."""
 
+    @property
+    def uses_contrast(self) -> bool:
+        """Whether this model's map depends on the scan's contrast (then an unknown contrast is worth a warning)."""
+        return False
+
     def volume_context(self, prepared: PreparedVolume) -> Any:
         """Per-scan values a map needs beyond its slices (e.g. a brain intensity percentile); None by default."""
         return None

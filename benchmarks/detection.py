@@ -1,7 +1,8 @@
 """Detection quality on the held-out evaluation cases: the default model against the intensity baseline.
 
-Real lesions (MS on T2/FLAIR, gliomas on T2/FLAIR) and Colin27 (T1) with synthetic lesions, all kinds
-and the in-range kinds only. Prints voxel AUROC, voxel AUPRC, best Dice (an oracle: the threshold is
+Real lesions (MS and gliomas on T1, T2 and FLAIR) and Colin27 (T1) with synthetic lesions, all kinds
+and the in-range kinds only. Each scan is scored as the contrast its file name states (Colin27's
+``ch2bet`` is T1), as ``anomaly score`` does by default. Prints voxel AUROC, voxel AUPRC, best Dice (an oracle: the threshold is
 chosen on the same voxels) and scan AUROC where normal scans exist, per dataset and contrast, with
 seconds per brain. Not a test. Usage: python benchmarks/detection.py [--models default intensity] [DATA_DIR]
 """
@@ -42,10 +43,10 @@ class Case:
 
 
 def real_cases(root: Path) -> list[Case]:
-    spec = [("ms-open", "patient26", ("t2", "flair"), "lesion_mask"),
+    spec = [("ms-open", "patient26", ("t1", "t2", "flair"), "lesion_mask"),
             ("brats2013", "pat0001", ("flair",), "tumor_labels"),
             ("brats2013", "pat0002", ("flair",), "tumor_labels"),
-            ("brats2018", "Brats18_TCIA10_639_1", ("t2", "flair"), "tumor_labels")]
+            ("brats2018", "Brats18_TCIA10_639_1", ("t1", "t2", "flair"), "tumor_labels")]
     cases = []
     for dataset, case, contrasts, label in spec:
         folder = root / dataset / case

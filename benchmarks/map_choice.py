@@ -2,7 +2,9 @@
 (never on the evaluation cases): voxel AUPRC per candidate rule, pooled per group.
 
 Candidates: the sign of (reference - healed decode) with the plain reconstruction or the input as the
-reference, and the positive residual plus a multiple of the normalised intensity. Usage:
+reference, and the positive or absolute residual plus a multiple of the normalised intensity, counted
+in full or only above a percentile of the scan's brain (the per-contrast ``map.intensity_floor``).
+Groups are split by contrast, so each contrast's floor is chosen on its own. Usage:
 python benchmarks/map_choice.py --model runs/default/model [--t0 150 250 400] [DATA_DIR]
 """
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from anomaly.config import PostprocessConfig, PreprocessConfig
 from anomaly.metrics import auprc
@@ -29,7 +32,12 @@ from anomaly.volume import Volume, load_mask, load_volume
 Rule = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
-def rules(x_weights: tuple[float, ...] = (0.1, 0.25, 0.5)) -> dict[str, Rule]:
+def _above(c: dict[str, np.ndarray], percentile: float) -> np.ndarray:
+    """Normalised intensity above the brain's ``percentile`` (the map's intensity floor)."""
+    return np.clip(c["x"] - np.percentile(c["x"][c["brain"]], percentile), 0, None)
+
+
+def rules(x_weights: tuple[float, ...] = (0.1, 0.25, 0.5), floors: tuple[float, ...] = (90, 95, 99)) -> dict[str, Rule]:
     out: dict[str, Rule] = {
         "intensity": lambda c: c["x"],
         "abs(x-recon)": lambda c: np.abs(c["x"] - c["recon"]),
@@ -40,6 +48,10 @@ def rules(x_weights: tuple[float, ...] = (0.1, 0.25, 0.5)) -> dict[str, Rule]:
     }
     for w in x_weights:
         out[f"pos(recon-healed)+{w}x"] = lambda c, w=w: np.clip(c["recon"] - c["healed"], 0, None) + w * c["x"]
+        out[f"abs(recon-healed)+{w}x"] = lambda c, w=w: np.abs(c["recon"] - c["healed"]) + w * c["x"]
+        for q in floors:
+            out[f"abs(recon-healed)+{w}x>p{q:g}"] = (
+                lambda c, w=w, q=q: np.abs(c["recon"] - c["healed"]) + w * _above(c, q))
     return out
 
 
@@ -71,15 +83,18 @@ def validation_cases(root: Path) -> list[tuple[str, Volume, np.ndarray, np.ndarr
     ms = root / "ms-open" / "patient19"
     tumour = load_mask(brats / "tumor_labels.nii.gz")
     lesions = load_mask(ms / "lesion_mask.nii.gz")
-    for contrast in ("t2", "flair"):
+    for contrast in ("t1", "t2", "flair"):
         cases.append((f"val tumour {contrast.upper()}", load_volume(brats / f"{contrast}.nii.gz"), tumour, None))
         cases.append((f"val MS {contrast.upper()}", load_volume(ms / f"{contrast}.nii.gz"), lesions, None))
-    for contrast in ("t1", "t2"):
-        vol = load_volume(ms / f"{contrast}.nii.gz")
-        for label, kinds in (("in-range", tuple(sorted(IN_RANGE_KINDS))), ("all kinds", KINDS)):
-            data, truth = add_lesions(vol.data, vol.data > 0, vol.spacing, kinds=kinds, n=4, seed=11,
-                                      radius_mm=(5.0, 12.0))
-            cases.append((f"val synthetic {label} {contrast.upper()}", Volume(data, vol.affine, vol.path), truth, lesions))
+    for folder, real in ((ms, lesions), (brats, tumour)):
+        ignore = ndimage.binary_dilation(real, iterations=5)  # synthetic lesions stay clear of the real ones
+        for contrast in ("t1", "t2", "flair"):
+            vol = load_volume(folder / f"{contrast}.nii.gz")
+            for label, kinds in (("in-range", tuple(sorted(IN_RANGE_KINDS))), ("all kinds", KINDS)):
+                data, truth = add_lesions(vol.data, (vol.data > 0) & ~ignore, vol.spacing, kinds=kinds, n=4,
+                                          seed=11, radius_mm=(5.0, 12.0))
+                cases.append((f"val synthetic {label} {contrast.upper()}", Volume(data, vol.affine, vol.path),
+                              truth, ignore))
     return cases
 
 
@@ -89,8 +104,10 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--t0", type=int, nargs="+", default=[150, 250, 400])
     parser.add_argument("--precision", default="bf16")
-    parser.add_argument("--x-weights", type=float, nargs="+", default=[0.1, 0.25, 0.5],
-                        help="weights of the intensity term added to the positive residual")
+    parser.add_argument("--x-weights", type=float, nargs="+", default=[0.5, 1.5],
+                        help="weights of the intensity term added to the residual")
+    parser.add_argument("--floors", type=float, nargs="+", default=[90, 95, 99],
+                        help="brain percentiles tried as the intensity floor")
     args = parser.parse_args()
     torch.set_num_threads(2)
     model = load_model(args.model, precision=args.precision)
@@ -109,8 +126,8 @@ def main() -> None:
             save_nifti(ignore.astype(np.float32), volume.affine, tmp)
             grid_ignore = lesion_on_grid(tmp, prepared)
         for t0 in args.t0:
-            c = {"x": comps["x"], "recon": comps["recon"], "healed": comps[f"healed{t0}"]}
-            for name, rule in rules(tuple(args.x_weights)).items():
+            c = {"x": comps["x"], "recon": comps["recon"], "healed": comps[f"healed{t0}"], "brain": prepared.mask}
+            for name, rule in rules(tuple(args.x_weights), tuple(args.floors)).items():
                 if t0 != args.t0[0] and "healed" not in name:
                     continue
                 cleaned, scored = postprocess(rule(c), prepared.mask, PostprocessConfig(), prepared.spacing)

@@ -298,3 +298,20 @@ def test_state_dict_conversion_reshapes_attention_and_rejects_unknown_names() ->
     )
     with pytest.raises(LDMImportError, match="encoder.down.0.attn.0.q.weight"):
         ldm_to_diffusers_state_dict({**model.state_dict(), "encoder.down.0.attn.0.q.weight": torch.zeros(32, 32, 1, 1)})
+
+
+def test_import_command_says_when_a_checkpoint_is_not_the_medical_vae_family(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipelines.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("ANOMALY_MODELS_DIR", str(tmp_path / "models"))
+    layout = next(iter(LAYOUTS))
+    ckpt = save_pickled_module(build_ldm_autoencoder(**LAYOUTS[layout]), tmp_path / "small-klf8.pt",
+                               **_payloads(tmp_path))
+    assert main(["models", "import", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "models" / "medical-vae"
+    assert "not the public Medical-VAE architecture" in out and f"--model {folder}" in out
+    assert not any(m.exists() for m in _markers(tmp_path))

@@ -104,12 +104,67 @@ def test_absent_weights_say_what_to_download(tmp_path: Path, monkeypatch: pytest
     assert names["sd-vae-ft-mse"] is None and names["intensity"] == "built in"
 
 
-def test_named_model_found_in_models_dir(tiny_vae_folder: Path, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_weights_of_another_architecture_are_refused_under_a_family_name(
+        tiny_vae_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ANOMALY_MODELS_DIR", str(tmp_path))
     shutil.copytree(tiny_vae_folder, tmp_path / "sd-vae-ft-mse")
-    model = load_model("sd-vae-ft-mse")
-    assert model.name == "sd-vae-ft-mse"
+    with pytest.raises(ModelLoadError, match=r"not a sd-vae-ft-mse model \(in_channels is 1, the family has 3.*"
+                                             r"stabilityai/sd-vae-ft-mse.*load this folder by its path"):
+        load_model("sd-vae-ft-mse")
+    assert load_model(tmp_path / "sd-vae-ft-mse").name == "tiny-vae"  # by path it is just a folder
+
+
+def test_a_family_config_serves_bare_diffusers_weights_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    families, models = tmp_path / "families", tmp_path / "models"
+    families.mkdir()
+    (families / "tiny-brain.yaml").write_text("""
+name: tiny-brain
+description: a two-level brain VAE
+how_to_get: train it with anomaly train, then copy model/vae into {models_dir}/tiny-brain
+input_spec: {slice_size: 48, spacing: [2.0, 2.0, 2.0]}
+autoencoder:
+  in_channels: 1
+  out_channels: 1
+  down_block_types: [DownEncoderBlock2D, DownEncoderBlock2D]
+  up_block_types: [UpDecoderBlock2D, UpDecoderBlock2D]
+  block_out_channels: [8, 16]
+  layers_per_block: 1
+  latent_channels: 4
+  norm_num_groups: 4
+  sample_size: 48
+""")
+    monkeypatch.setenv("ANOMALY_FAMILIES_DIR", str(families))
+    monkeypatch.setenv("ANOMALY_MODELS_DIR", str(models))
+    from anomaly.models.families import load_families
+
+    family = load_families()["tiny-brain"]
+    with pytest.raises(ModelLoadError, match=r"copy model/vae into .*models/tiny-brain"):
+        load_model("tiny-brain")
+    family.build().save_pretrained(models / "tiny-brain")  # a bare diffusers folder: no anomaly_model.json
+    model = load_model("tiny-brain")
+    assert isinstance(model, AutoencoderSliceModel) and model.name == "tiny-brain"
+    assert model.input_spec == InputSpec(slice_size=48, spacing=(2.0, 2.0, 2.0))  # from the family
+    assert "tiny-brain" in {row[0] for row in available_models()} and "default" in {row[0] for row in available_models()}
+
+
+def test_project_families_are_valid_autoencoder_configurations() -> None:
+    from anomaly.models.families import ARCHITECTURE_KEYS, load_families
+
+    families = load_families()
+    assert set(families) == {"default", "medical-vae", "sd-vae-ft-mse", "sdxl-vae"}
+    medical = families["medical-vae"].autoencoder
+    assert (medical["in_channels"], medical["block_out_channels"], medical["layers_per_block"],
+            medical["latent_channels"], medical["scaling_factor"]) == (1, [128, 256, 512, 512], 2, 4, 0.18215)
+    assert families["sdxl-vae"].force_fp32 and families["sd-vae-ft-mse"].autoencoder["in_channels"] == 3
+    for family in families.values():
+        with torch.device("meta"):  # the full architecture, without allocating its weights
+            vae = family.build()
+        assert {k: family.autoencoder[k] for k in ARCHITECTURE_KEYS} == {
+            k: list(v) if isinstance(v, tuple) else v for k, v in vae.config.items() if k in ARCHITECTURE_KEYS}
+        assert family.input_spec.slice_size % 8 == 0
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "anomaly" / "assets" / "models" / "default" / "vae"
+                          / "config.json").read_text())
+    assert families["default"].mismatches(shipped) == [] and families["medical-vae"].mismatches(shipped)
 
 
 def test_intensity_term_adds_the_unclamped_input(tiny_vae_folder: Path) -> None:

@@ -49,8 +49,10 @@ def default_input_spec(vae_config: dict[str, Any]) -> InputSpec:
 
 
 def load_model_folder(folder: str | os.PathLike[str], *, name: str | None = None, precision: str = "fp32",
-                      force_fp32: bool | None = None, **restoration_overrides: Any) -> AutoencoderSliceModel:
-    """Load a model folder (see module docstring) through diffusers' ``from_pretrained``."""
+                      force_fp32: bool | None = None, input_spec: InputSpec | None = None,
+                      **restoration_overrides: Any) -> AutoencoderSliceModel:
+    """Load a model folder (see module docstring) through diffusers' ``from_pretrained``; ``input_spec``
+    applies where the folder does not state its own (a bare diffusers folder)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelLoadError(f"{folder}: model folder not found; give a model name (see `anomaly models list`) "
@@ -68,7 +70,7 @@ def load_model_folder(folder: str | os.PathLike[str], *, name: str | None = None
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{vae_dir}: cannot load the AutoencoderKL weights: {exc}") from exc
     spec = InputSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["input_spec"].items()}) \
-        if "input_spec" in meta else default_input_spec(dict(vae.config))
+        if "input_spec" in meta else (input_spec or default_input_spec(dict(vae.config)))
     restoration = None
     if meta.get("restoration"):
         restoration = load_restoration(folder / meta["restoration"], **restoration_overrides)

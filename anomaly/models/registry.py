@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from anomaly.models.base import SliceModel
+from anomaly.models.families import ModelFamily, load_families
 from anomaly.models.folder import ModelLoadError, is_model_folder, load_model_folder
 from anomaly.models.intensity import IntensityBaseline
 
@@ -21,13 +22,14 @@ def models_dir() -> Path:
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A named model: what it is, where its weights are looked for, and how to get them."""
+    """A named model: what it is, where its weights are looked for, how to get them, and its family."""
 
     name: str
     description: str
     hub_repo: str | None = None
     force_fp32: bool = False
     how_to_get: str = ""
+    family: ModelFamily | None = None
 
     def candidates(self) -> list[Path]:
         paths = [models_dir() / self.name]
@@ -42,6 +44,11 @@ class ModelEntry:
     def find(self) -> Path | None:
         return next((p for p in self.candidates() if is_model_folder(p)), None)
 
+    @classmethod
+    def from_family(cls, family: ModelFamily) -> ModelEntry:
+        return cls(family.name, family.description, hub_repo=family.hub_repo, force_fp32=family.force_fp32,
+                   how_to_get=family.how_to_get, family=family)
+
 
 def _hf_cache_folder(repo_id: str) -> Path | None:
     """The snapshot folder of a repository already in the local Hugging Face cache (never downloads)."""
@@ -53,25 +60,17 @@ def _hf_cache_folder(repo_id: str) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
-ENTRIES: dict[str, ModelEntry] = {
-    "default": ModelEntry(
-        "default", "the shipped CPU-sized brain VAE with its latent restoration stage (see its MODEL_CARD.md)",
-        how_to_get="it ships inside the package under anomaly/assets/models/default; reinstall the package"),
-    "medical-vae": ModelEntry(
-        "medical-vae", "the public Medical-VAE (kl-f8, 1 channel, 256 px slices), imported from its LDM checkpoint",
-        how_to_get="get VAE-Medical-klf8.pt from the Medical-VAE authors, then run "
-                   "`anomaly models import VAE-Medical-klf8.pt --out {models_dir}/medical-vae`"),
-    "sd-vae-ft-mse": ModelEntry(
-        "sd-vae-ft-mse", "Stable-Diffusion VAE fine-tuned with MSE (3 channels, general images)",
-        hub_repo="stabilityai/sd-vae-ft-mse",
-        how_to_get="download config.json and diffusion_pytorch_model.safetensors from the Hugging Face repository "
-                   "stabilityai/sd-vae-ft-mse into {models_dir}/sd-vae-ft-mse/ (or into the Hugging Face cache)"),
-    "sdxl-vae": ModelEntry(
-        "sdxl-vae", "SDXL VAE (3 channels; runs in fp32 because it overflows in fp16)",
-        hub_repo="stabilityai/sdxl-vae", force_fp32=True,
-        how_to_get="download config.json and diffusion_pytorch_model.safetensors from the Hugging Face repository "
-                   "stabilityai/sdxl-vae into {models_dir}/sdxl-vae/ (or into the Hugging Face cache)"),
-}
+_DEFAULT = ModelEntry(
+    "default", "the shipped CPU-sized brain VAE with its latent restoration stage (see its MODEL_CARD.md)",
+    how_to_get="it ships inside the package under anomaly/assets/models/default; reinstall the package")
+
+
+def entries() -> dict[str, ModelEntry]:
+    """Named models: one per family in ``configs/models`` (see :mod:`anomaly.models.families`); the shipped
+    default is served even where that folder is not installed."""
+    found = {name: ModelEntry.from_family(family) for name, family in load_families().items()}
+    return {"default": found.pop("default", _DEFAULT), **found}
+
 
 BUILTIN: dict[str, Callable[[], SliceModel]] = {"intensity": IntensityBaseline}
 
@@ -79,7 +78,7 @@ BUILTIN: dict[str, Callable[[], SliceModel]] = {"intensity": IntensityBaseline}
 def available_models() -> list[tuple[str, str, str | None]]:
     """(name, description, folder or None when its weights are absent) for every known model."""
     rows: list[tuple[str, str, str | None]] = [("intensity", "non-learned baseline: normalised intensity", "built in")]
-    for entry in ENTRIES.values():
+    for entry in entries().values():
         found = entry.find()
         rows.append((entry.name, entry.description, str(found) if found else None))
     return rows
@@ -91,18 +90,25 @@ def load_model(name_or_path: str | os.PathLike[str] = "default", *, precision: s
     key = str(name_or_path)
     if key in BUILTIN:
         return BUILTIN[key]()
-    if key in ENTRIES:
-        entry = ENTRIES[key]
+    known = entries()
+    if key in known:
+        entry = known[key]
         folder = entry.find()
         if folder is None:
             looked = ", ".join(str(p) for p in entry.candidates())
             raise ModelLoadError(f"model {key!r} has no weights on this machine (looked in {looked}); "
                                  + entry.how_to_get.format(models_dir=models_dir()))
         model = load_model_folder(folder, name=key, precision=precision, force_fp32=entry.force_fp32 or None,
+                                  input_spec=entry.family.input_spec if entry.family else None,
                                   **restoration_overrides)
+        wrong = entry.family.mismatches(dict(model.vae.config)) if entry.family else []
+        if wrong:
+            raise ModelLoadError(f"{folder}: these weights are not a {key} model ({'; '.join(wrong)}); put the "
+                                 f"{key} files there ({entry.how_to_get.format(models_dir=models_dir())}), or "
+                                 "load this folder by its path")
         return model.to(device)
     path = Path(key).expanduser()
     if path.exists():
         return load_model_folder(path, precision=precision, **restoration_overrides).to(device)
-    raise ModelLoadError(f"unknown model {key!r}: give one of {', '.join([*BUILTIN, *ENTRIES])} "
+    raise ModelLoadError(f"unknown model {key!r}: give one of {', '.join([*BUILTIN, *known])} "
                          "or the path of a model folder (config.json + safetensors)")

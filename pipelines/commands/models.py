@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from pipelines.commands.common import UserError, new_parser
@@ -35,6 +36,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_import(args: argparse.Namespace) -> int:
     from anomaly.models import models_dir
+    from anomaly.models.families import load_families
     from anomaly.models.ldm_import import LDMImportError, import_ldm_checkpoint
     from anomaly.models.safe_unpickle import CheckpointFormatError
 
@@ -47,5 +49,11 @@ def run_import(args: argparse.Namespace) -> int:
     except (LDMImportError, CheckpointFormatError) as exc:
         raise UserError(str(exc)) from exc
     print(f"imported {report.n_used} tensors into {out} (dropped: {', '.join(report.dropped_prefixes) or 'none'})")
-    print("use it with: anomaly score ... --model " + ("medical-vae" if out == models_dir() / "medical-vae" else str(out)))
+    family = load_families().get("medical-vae")
+    wrong = family.mismatches(json.loads((out / "config.json").read_text())) if family else []
+    by_name = out == models_dir() / "medical-vae" and not wrong
+    if wrong:
+        print(f"note: this checkpoint is not the public Medical-VAE architecture ({'; '.join(wrong)}); "
+              "load it by its folder path")
+    print("use it with: anomaly score ... --model " + ("medical-vae" if by_name else str(out)))
     return 0

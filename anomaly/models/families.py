@@ -1,0 +1,101 @@
+"""Model families: named diffusers ``AutoencoderKL`` configurations in ``configs/models/*.yaml``.
+
+A family fixes a VAE's architecture, the slices it expects and where its weights come from. The
+registry serves each family by name, and weights found for a family are checked against its
+architecture, so a wrong download is a clear error rather than a silently different model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from anomaly.config import ConfigError, load_yaml
+from anomaly.preprocess import InputSpec
+
+FAMILIES_ENV = "ANOMALY_FAMILIES_DIR"
+# Keys that decide the shapes of the weights; the rest (sample_size, scaling_factor ...) may differ.
+ARCHITECTURE_KEYS: tuple[str, ...] = ("in_channels", "out_channels", "down_block_types", "up_block_types",
+                                      "block_out_channels", "layers_per_block", "latent_channels")
+
+
+def families_dir() -> Path:
+    """``ANOMALY_FAMILIES_DIR``, or ``configs/models`` of the project checkout this package is installed from."""
+    env = os.environ.get(FAMILIES_ENV)
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "configs" / "models"
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One family: its name, what it is, its ``AutoencoderKL`` configuration, input slices and weight source."""
+
+    name: str
+    description: str
+    autoencoder: dict[str, Any]
+    input_spec: InputSpec
+    hub_repo: str | None = None
+    force_fp32: bool = False
+    packaged: bool = False
+    how_to_get: str = ""
+    source: Path | None = field(default=None, compare=False)
+
+    def mismatches(self, vae_config: dict[str, Any]) -> list[str]:
+        """Architecture keys where ``vae_config`` differs from this family (empty when it is one of them)."""
+        out = []
+        for key in ARCHITECTURE_KEYS:
+            want, got = self.autoencoder.get(key), vae_config.get(key)
+            if want is not None and _plain(want) != _plain(got):
+                out.append(f"{key} is {_plain(got)}, the family has {_plain(want)}")
+        return out
+
+    def build(self) -> Any:
+        """An untrained ``AutoencoderKL`` of this family (diffusers builds it from the configuration)."""
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL(**self.autoencoder)
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def parse_family(data: dict[str, Any], source: Path | None = None) -> ModelFamily:
+    """A family from a parsed YAML mapping; errors name the file and the key."""
+    where = f"{source}: " if source else ""
+    allowed = {"name", "description", "autoencoder", "input_spec", "hub_repo", "force_fp32", "packaged", "how_to_get"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    for key in ("name", "autoencoder", "input_spec"):
+        if key not in data:
+            raise ConfigError(f"{where}missing {key!r}: a model family needs a name, an autoencoder configuration "
+                              "and an input_spec")
+    autoencoder = dict(data["autoencoder"] or {})
+    missing = [k for k in ARCHITECTURE_KEYS if k not in autoencoder]
+    if missing:
+        raise ConfigError(f"{where}autoencoder lacks {', '.join(missing)}: write out the whole architecture")
+    spec = dict(data["input_spec"] or {})
+    try:
+        input_spec = InputSpec(slice_size=int(spec["slice_size"]), spacing=tuple(float(s) for s in spec["spacing"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}input_spec needs slice_size and spacing: [x, y, z] in mm ({exc})") from exc
+    return ModelFamily(name=str(data["name"]), description=str(data.get("description", "")), autoencoder=autoencoder,
+                       input_spec=input_spec, hub_repo=data.get("hub_repo"), force_fp32=bool(data.get("force_fp32")),
+                       packaged=bool(data.get("packaged")), how_to_get=" ".join(str(data.get("how_to_get", "")).split()),
+                       source=source)
+
+
+def load_families(folder: str | os.PathLike[str] | None = None) -> dict[str, ModelFamily]:
+    """Every ``*.yaml`` family in ``folder`` (default :func:`families_dir`); empty when the folder is absent."""
+    folder = Path(folder) if folder is not None else families_dir()
+    if not folder.is_dir():
+        return {}
+    families = {}
+    for path in sorted(folder.glob("*.yaml")):
+        family = parse_family(load_yaml(path), path)
+        if family.name in families:
+            raise ConfigError(f"{path}: family {family.name!r} is also defined in {families[family.name].source}")
+        families[family.name] = family
+    return families

@@ -141,21 +141,33 @@ class VoxelCurves:
         return float(self.dice[int(np.argmin(np.abs(self.thresholds - threshold)))])
 
 
-def voxel_curves(pairs: Sequence[tuple[np.ndarray, np.ndarray]], points: int = MAX_POINTS) -> VoxelCurves:
-    """Curves from (anomaly map, label mask) pairs on the same grid.
+def voxel_curves(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+    points: int = MAX_POINTS,
+) -> VoxelCurves:
+    """Curves from (anomaly map, label mask[, scored brain mask]) on one grid per scan.
 
-    Voxels are pooled where the map is non-zero or the label is set: the map is zero outside the
-    scored brain, so this approximates the brain without a stored brain mask.
+    With the brain mask (``<stem>_brain.nii.gz``) voxels are pooled inside it, exactly as ``anomaly
+    evaluate`` counts them; without it (results scored before brain masks were written) the region
+    is approximated as "map non-zero or labelled", since maps are zero outside the scored brain.
     """
     positives, negatives = [], []
-    for i, (values, label) in enumerate(pairs):
-        values = np.asarray(values, dtype=np.float32)
-        truth = np.asarray(label) > 0
+    for i, item in enumerate(pairs):
+        values = np.asarray(item[0], dtype=np.float32)
+        truth = np.asarray(item[1]) > 0
+        brain = item[2] if len(item) > 2 else None
         if truth.shape != values.shape:
             raise ValueError(
                 f"labelled scan #{i}: label shape {truth.shape} differs from map shape {values.shape}"
             )
-        region = (values != 0) | truth
+        if brain is not None:
+            region = np.asarray(brain) > 0
+            if region.shape != values.shape:
+                raise ValueError(
+                    f"labelled scan #{i}: brain mask shape {region.shape} differs from map shape {values.shape}"
+                )
+        else:
+            region = (values != 0) | truth
         finite = np.isfinite(values)
         positives.append(values[region & truth & finite])
         negatives.append(values[region & ~truth & finite])

@@ -86,6 +86,26 @@ def test_voxel_curves_pool_the_brain_and_find_the_best_dice() -> None:
     assert curves.n_lesion_voxels == truth.sum() and curves.n_scans == 3
 
 
+def test_voxel_curves_count_exactly_the_scored_brain_when_its_mask_is_given() -> None:
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    values = rng.uniform(0.0, 1.0, (12, 12, 12)).astype(np.float32)
+    values[:3] = 0.0  # brain voxels whose map value is exactly zero still count as negatives
+    label = np.zeros(values.shape, np.uint8)
+    label[5:8, 5:8, 5:8] = 1
+    label[0, 0, 0] = 1  # a lesion voxel outside the brain is not counted
+    brain = np.zeros(values.shape, np.uint8)
+    brain[:, 1:11, 1:11] = 1
+    curves = voxel_curves([(values, label, brain)])
+    inside = brain > 0
+    assert curves.n_lesion_voxels == int((label > 0)[inside].sum()) == 27
+    assert curves.auroc == pytest.approx(sklearn_metrics.roc_auc_score(label[inside] > 0, values[inside]))
+    assert curves.auprc == pytest.approx(
+        sklearn_metrics.average_precision_score(label[inside] > 0, values[inside]), abs=1e-9)
+    with pytest.raises(ValueError, match="brain mask shape"):
+        voxel_curves([(values, label, brain[:-1])])
+
+
 def test_voxel_curves_refuse_labels_without_lesions_and_bad_shapes() -> None:
     values = np.ones((4, 4, 4), np.float32)
     with pytest.raises(ValueError, match="no lesion voxel"):

@@ -13,6 +13,7 @@ import pandas as pd
 import streamlit as st
 from sqlalchemy import select
 
+from anomaly.outputs import sibling
 from anomaly.store import (
     Result,
     RunSummary,
@@ -102,10 +103,21 @@ def labelled_results(store: Store, run_id: int) -> list[Result]:
 
 
 @st.cache_data(max_entries=8, show_spinner="Pooling labelled voxels…")
-def _voxel_curves(sources: tuple[tuple[str, str, int, int], ...]) -> VoxelCurves:
-    """Curves of (map, label, map mtime, label mtime) files; the times make a changed file count as new."""
-    pairs = [(load(Path(m)).volume.data, load(Path(lab)).volume.data) for m, lab, _, _ in sources]
-    return voxel_curves(pairs)
+def _voxel_curves(sources: tuple[tuple[str, str, str, int, int], ...]) -> VoxelCurves:
+    """Curves of (map, label, brain mask or "", map mtime, label mtime) files; the times make a changed
+    file count as new."""
+    triples = [(load(Path(m)).volume.data, load(Path(lab)).volume.data, load(Path(b)).volume.data if b else None)
+               for m, lab, b, _, _ in sources]
+    return voxel_curves(triples)
+
+
+def _brain_beside(map_path: Path) -> Path | None:
+    """The scored brain mask written beside a map (same folder, so as safe as the map), if there is one."""
+    try:
+        path = sibling(map_path, "brain")
+    except ValueError:
+        return None
+    return path if path.is_file() else None
 
 
 def voxel_section(store: Store, run_id: int, out_dir: str) -> VoxelCurves | None:
@@ -128,8 +140,10 @@ def voxel_section(store: Store, run_id: int, out_dir: str) -> VoxelCurves | None
         if map_path is None or label_path is None or not map_path.exists() or not label_path.exists():
             problems.append(f"result {result.id}: map or label file missing")
             continue
+        brain_path = _brain_beside(map_path)
         sources.append(
-            (str(map_path), str(label_path), map_path.stat().st_mtime_ns, label_path.stat().st_mtime_ns)
+            (str(map_path), str(label_path), str(brain_path or ""),
+             map_path.stat().st_mtime_ns, label_path.stat().st_mtime_ns)
         )
     for problem in problems[:5]:
         st.warning(problem)

@@ -235,6 +235,19 @@ def test_saving_a_review_writes_the_row_and_moves_on(filled: FilledDB) -> None:
     assert reviews(filled)[-1].verdict == "normal" and at.session_state["result_id"] == filled.ok_ids[1]
 
 
+def test_threshold_resets_per_scan_unless_the_reader_keeps_it(filled: FilledDB) -> None:
+    at = app(page="viewer", run=filled.run_id)
+    at.slider(key="vw_threshold").set_value(0.8).run()
+    at.button(key="vw_next").click().run()
+    assert at.slider(key="vw_threshold").value == pytest.approx(VOXEL_THRESHOLD)  # the calibrated default
+    at.slider(key="vw_threshold").set_value(0.8).run()
+    at.toggle(key="vw_keep_threshold").set_value(True).run()
+    at.button(key="vw_prev").click().run()
+    assert at.session_state["result_id"] == filled.ok_ids[0]
+    assert at.slider(key="vw_threshold").value == pytest.approx(0.8)
+    no_errors(at)
+
+
 def test_next_previous_and_unreviewed_only(filled: FilledDB) -> None:
     store = open_store(filled.url)
     with store.session() as s:

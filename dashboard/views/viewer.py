@@ -42,6 +42,7 @@ AXIS_KEYS = (X, Y, Z)
 WINDOW, LEVEL = "vw_window", "vw_level"
 THRESHOLD, CMAP, OPACITY = "vw_threshold", "vw_cmap", "vw_opacity"
 SHOW_OVERLAY, SHOW_MASK = "vw_overlay", "vw_mask_outline"
+KEEP_THRESHOLD = "vw_keep_threshold"
 JUMP, PLANE = "vw_jump", "vw_plane"
 SHOW_3D, LAYOUT_3D = "vw_3d", "vw_3d_layout"
 LOADED = "vw_loaded"
@@ -59,6 +60,7 @@ PERSISTENT_KEYS: tuple[str, ...] = (
     OPACITY,
     SHOW_OVERLAY,
     SHOW_MASK,
+    KEEP_THRESHOLD,
     JUMP,
     PLANE,
     SHOW_3D,
@@ -71,6 +73,7 @@ VIEW_DEFAULTS: dict[str, Any] = {
     OPACITY: 0.6,
     SHOW_OVERLAY: True,
     SHOW_MASK: False,
+    KEEP_THRESHOLD: False,
     PLANE: "axial",
     SHOW_3D: False,
     LAYOUT_3D: "multiplanar",
@@ -203,7 +206,7 @@ def _slider_top(vols: ScanVolumes, calibrated: float | None) -> float:
 
 def init_scan(detail: ResultDetail, vols: ScanVolumes, targets: dict[str, Any]) -> None:
     """Per-scan defaults when a scan is opened: crosshair on the first finding or the peak, auto
-    window/level, the calibrated threshold, and the review form."""
+    window/level, the calibrated threshold (unless the reader keeps their own), and the review form."""
     ss = st.session_state
     first = next((k for k in targets if k.startswith("finding-")), None)
     start = first or ("peak" if "peak" in targets else "centre")
@@ -213,7 +216,9 @@ def init_scan(detail: ResultDetail, vols: ScanVolumes, targets: dict[str, Any]) 
     if vols.input is not None:
         ss[WINDOW], ss[LEVEL] = range_to_window(*vols.input.window)
     calibrated = calibrated_threshold(detail)
-    if calibrated is not None:
+    if ss.get(KEEP_THRESHOLD) and THRESHOLD in ss:
+        pass  # the reader chose to keep their own threshold from scan to scan
+    elif calibrated is not None:
         ss[THRESHOLD] = float(calibrated)
     elif vols.map is not None:
         ss[THRESHOLD] = float(vols.map.p99)
@@ -272,6 +277,8 @@ def toolbar(detail: ResultDetail, vols: ScanVolumes, targets: dict[str, Any]) ->
     c[3].slider("Opacity", 0.0, 1.0, key=OPACITY, step=0.05)
     c[4].selectbox("Colour map", COLORMAPS, key=CMAP)
     c[5].toggle("Overlay", key=SHOW_OVERLAY)
+    c[5].toggle("Keep threshold", key=KEEP_THRESHOLD,
+                help="Keep this threshold when the next scan opens (off: each scan opens at the calibrated one).")
 
 
 def display_settings(vols: ScanVolumes, has_mask: bool) -> None:

@@ -114,10 +114,8 @@ class AutoencoderSliceModel(SliceModel):
     def score_slices(self, x: torch.Tensor, generator: torch.Generator | None = None,
                      context: Any = None) -> SliceOutput:
         intensity: torch.Tensor | float = 0
-        if self.map_config.intensity_weight:
-            floor = float(context or 0.0)
-            intensity = self.map_config.intensity_weight * (x - floor).clamp_min(0) if floor else \
-                self.map_config.intensity_weight * x
+        if self.map_config.intensity_weight:  # x >= 0, so a floor of 0 keeps all of it
+            intensity = self.map_config.intensity_weight * (x - float(context or 0.0)).clamp_min(0)
         x = x.clamp(0, 1)
         with self._autocast():
             z = self.vae.encode(self._to_model(x)).latent_dist.mode()

@@ -37,7 +37,6 @@ class ModelFamily:
     input_spec: InputSpec
     hub_repo: str | None = None
     force_fp32: bool = False
-    packaged: bool = False
     how_to_get: str = ""
     source: Path | None = field(default=None, compare=False)
 
@@ -64,7 +63,7 @@ def _plain(value: Any) -> Any:
 def parse_family(data: dict[str, Any], source: Path | None = None) -> ModelFamily:
     """A family from a parsed YAML mapping; errors name the file and the key."""
     where = f"{source}: " if source else ""
-    allowed = {"name", "description", "autoencoder", "input_spec", "hub_repo", "force_fp32", "packaged", "how_to_get"}
+    allowed = {"name", "description", "autoencoder", "input_spec", "hub_repo", "force_fp32", "how_to_get"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(f"{where}unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
@@ -83,7 +82,7 @@ def parse_family(data: dict[str, Any], source: Path | None = None) -> ModelFamil
         raise ConfigError(f"{where}input_spec needs slice_size and spacing: [x, y, z] in mm ({exc})") from exc
     return ModelFamily(name=str(data["name"]), description=str(data.get("description", "")), autoencoder=autoencoder,
                        input_spec=input_spec, hub_repo=data.get("hub_repo"), force_fp32=bool(data.get("force_fp32")),
-                       packaged=bool(data.get("packaged")), how_to_get=" ".join(str(data.get("how_to_get", "")).split()),
+                       how_to_get=" ".join(str(data.get("how_to_get", "")).split()),
                        source=source)
 
 

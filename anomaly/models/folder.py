@@ -48,6 +48,22 @@ def default_input_spec(vae_config: dict[str, Any]) -> InputSpec:
     return InputSpec(slice_size=192, spacing=(1.0, 1.0, 1.0))
 
 
+def read_model_config(folder: Path) -> dict[str, Any] | None:
+    """The folder's ``anomaly_model.json``, or None for a bare diffusers folder."""
+    return json.loads((folder / MODEL_CONFIG).read_text()) if (folder / MODEL_CONFIG).is_file() else None
+
+
+def vae_folder(folder: str | os.PathLike[str]) -> Path:
+    """Where a model folder keeps its ``AutoencoderKL`` (config.json + weights): the folder itself, or the
+    subfolder its ``anomaly_model.json`` names."""
+    folder = Path(folder)
+    return _vae_dir(folder, read_model_config(folder))
+
+
+def _vae_dir(folder: Path, meta: dict[str, Any] | None) -> Path:
+    return folder if meta is None else folder / meta.get("vae", "vae")
+
+
 def load_model_folder(folder: str | os.PathLike[str], *, name: str | None = None, precision: str = "fp32",
                       force_fp32: bool | None = None, input_spec: InputSpec | None = None,
                       **restoration_overrides: Any) -> AutoencoderSliceModel:
@@ -57,11 +73,9 @@ def load_model_folder(folder: str | os.PathLike[str], *, name: str | None = None
     if not folder.is_dir():
         raise ModelLoadError(f"{folder}: model folder not found; give a model name (see `anomaly models list`) "
                              "or a folder holding config.json and safetensors weights")
-    meta: dict[str, Any] = {}
-    vae_dir = folder
-    if (folder / MODEL_CONFIG).is_file():
-        meta = json.loads((folder / MODEL_CONFIG).read_text())
-        vae_dir = folder / meta.get("vae", "vae")
+    config = read_model_config(folder)
+    vae_dir = _vae_dir(folder, config)
+    meta = config or {}
     if not (vae_dir / "config.json").is_file():
         raise ModelLoadError(f"{vae_dir}: no config.json; a model folder needs config.json and "
                              "diffusion_pytorch_model.safetensors as written by AutoencoderKL.save_pretrained")

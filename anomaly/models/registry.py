@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from anomaly.models.base import SliceModel
 from anomaly.models.families import ModelFamily, load_families
-from anomaly.models.folder import ModelLoadError, is_model_folder, load_model_folder
+from anomaly.models.folder import ModelLoadError, is_model_folder, load_model_folder, vae_folder
 from anomaly.models.intensity import IntensityBaseline
 
 PACKAGED_MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
@@ -98,14 +99,15 @@ def load_model(name_or_path: str | os.PathLike[str] = "default", *, precision: s
             looked = ", ".join(str(p) for p in entry.candidates())
             raise ModelLoadError(f"model {key!r} has no weights on this machine (looked in {looked}); "
                                  + entry.how_to_get.format(models_dir=models_dir()))
-        model = load_model_folder(folder, name=key, precision=precision, force_fp32=entry.force_fp32 or None,
-                                  input_spec=entry.family.input_spec if entry.family else None,
-                                  **restoration_overrides)
-        wrong = entry.family.mismatches(dict(model.vae.config)) if entry.family else []
-        if wrong:
+        config = vae_folder(folder) / "config.json"
+        wrong = entry.family.mismatches(json.loads(config.read_text())) if entry.family and config.is_file() else []
+        if wrong:  # checked on config.json, before any weights are read
             raise ModelLoadError(f"{folder}: these weights are not a {key} model ({'; '.join(wrong)}); put the "
                                  f"{key} files there ({entry.how_to_get.format(models_dir=models_dir())}), or "
                                  "load this folder by its path")
+        model = load_model_folder(folder, name=key, precision=precision, force_fp32=entry.force_fp32 or None,
+                                  input_spec=entry.family.input_spec if entry.family else None,
+                                  **restoration_overrides)
         return model.to(device)
     path = Path(key).expanduser()
     if path.exists():

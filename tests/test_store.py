@@ -697,3 +697,39 @@ def test_several_processes_share_one_sqlite_file(db_path: Path) -> None:
         (run,) = st.list_runs(s)
         assert run.n_results == 80 and st.get_or_create_model(s, "vae", "w" * 64).id == run.model_id
     store.close()
+
+
+_OPENER = textwrap.dedent(
+    """
+    import sys, time
+    from sqlalchemy import text
+    from anomaly.store.engine import create_store_engine, normalize_db_url
+
+    first, paths = float(sys.argv[1]), sys.argv[2:]
+    engines = [create_store_engine(normalize_db_url(p)) for p in paths]
+    for i, engine in enumerate(engines):
+        while time.time() < first + 0.15 * i:
+            pass
+        with engine.connect() as conn:
+            conn.execute(text("SELECT count(*) FROM sqlite_master")).scalar_one()
+        engine.dispose()
+    """
+)
+
+
+def test_processes_opening_a_new_file_at_the_same_instant_all_switch_it_to_wal(tmp_path: Path) -> None:
+    """SQLite skips its busy handler for a journal-mode change; the engine must retry it itself."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
+    paths = [str(tmp_path / f"new{i}.db") for i in range(16)]
+    first = time.time() + 4.0  # every process is imported and spinning before the first file is opened
+    openers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPENER, str(first), *paths], env=env, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in openers]
+    assert [p.returncode for p in openers] == [0] * 4, errors
+    for path in paths:
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

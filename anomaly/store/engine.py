@@ -7,7 +7,9 @@ batch and a dashboard that open the same SQLite file or PostgreSQL database alwa
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -139,10 +141,37 @@ def _sqlite_pragmas(engine: Engine, busy_timeout_ms: int, *, wal: bool, foreign_
             cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
             cursor.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
             if wal:
-                cursor.execute("PRAGMA journal_mode = WAL")
+                _enable_wal(cursor, busy_timeout_ms / 1000.0)
                 cursor.execute("PRAGMA synchronous = NORMAL")
         finally:
             cursor.close()
+
+
+def _enable_wal(cursor: Any, timeout_s: float) -> None:
+    """Switch the file to WAL, retrying while another process holds it.
+
+    SQLite does not call its busy handler for a journal-mode change, so two processes creating the
+    same new database at once would otherwise see 'database is locked' at once.
+    """
+    deadline = time.monotonic() + timeout_s
+    delay = 0.005
+    while True:
+        mode = cursor.execute("PRAGMA journal_mode").fetchone()
+        if mode is not None and str(mode[0]).lower() == "wal":
+            return
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL").fetchall()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise sqlite3.OperationalError(
+                    f"database is locked: could not switch it to WAL within {timeout_s:.0f} s because "
+                    "another process holds it; wait for that process to finish, or raise busy_timeout_s"
+                ) from exc
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 @contextmanager

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timezone
@@ -733,3 +734,34 @@ def test_processes_opening_a_new_file_at_the_same_instant_all_switch_it_to_wal(t
     for path in paths:
         with sqlite3.connect(path) as conn:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_concurrent_calibrations_of_one_name_get_distinct_versions(db_path: Path) -> None:
+    """Two stores saving versions of the same calibration at once never collide on a version."""
+    stores = [open_store(db_path), open_store(db_path)]
+    with stores[0].session() as s:
+        model_id = get_or_create_model(s, "vae", sha("w"), {}).id
+    errors: list[BaseException] = []
+
+    def save(store: Store, tag: str) -> None:
+        try:
+            for i in range(8):
+                with store.session() as s:
+                    st.list_calibrations(s)  # a read first, as the calibrate pipeline does
+                    time.sleep(0.002)
+                    st.save_calibration(s, "healthy", model_id, "manual", 0.1 + i, data={"by": tag})
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=save, args=(store, tag)) for store, tag in zip(stores, "ab", strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with stores[0].session() as s:
+        saved = st.list_calibrations(s)
+    assert [c.version for c in saved] == list(range(1, 17))
+    assert sorted(c.data["by"] for c in saved) == ["a"] * 8 + ["b"] * 8
+    for store in stores:
+        store.close()

@@ -10,6 +10,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import timezone
@@ -172,3 +173,40 @@ def test_core_round_trip(pg_url: str) -> None:
     with store.session() as s:
         assert s.scalars(select(st.Finding)).all() == []
     store.close()
+
+
+_CALIBRATOR = """
+import sys, time
+import anomaly.store as st
+
+store = st.open_store(sys.argv[1])
+while time.time() < float(sys.argv[3]):
+    pass
+for i in range(15):
+    with store.session() as s:
+        model = st.get_or_create_model(s, "vae", "w" * 64, {})
+        st.list_calibrations(s)
+        st.save_calibration(s, "healthy", model, "manual", 0.1 + i, data={"by": sys.argv[2]})
+store.close()
+"""
+
+
+def test_concurrent_calibrations_of_one_name_get_distinct_versions(pg_url: str) -> None:
+    """Processes saving versions of one calibration at once never collide on a version number."""
+    st.open_store(pg_url).close()
+    start = time.time() + 4.0  # every process is connected and spinning before the first save
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CALIBRATOR, pg_url, tag, str(start)], env=env, stderr=subprocess.PIPE, text=True
+        )
+        for tag in "abc"
+    ]
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0], errors
+    store = st.open_store(pg_url)
+    with store.session() as s:
+        saved = st.list_calibrations(s)
+    store.close()
+    assert [c.version for c in saved] == list(range(1, 46))
+    assert sorted(c.data["by"] for c in saved) == sorted("abc" * 15)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import math
 import os
 import re
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, case, func, literal, or_, select
+from sqlalchemy import ColumnElement, Select, and_, case, false, func, literal, or_, select, text
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from anomaly.store.schema import (
@@ -45,6 +46,7 @@ FINDING_FIELDS: tuple[str, ...] = (
 
 _OPTIONAL_FINDING_FIELDS = {"rank", "region_centroid", "region_majority", "atlas"}
 _CALIBRATION_REF = re.compile(r"^(?P<name>[^@\s][^@]*?)(?:@(?P<version>[^@]*))?$")
+_CALIBRATION_LOCK_SPACE = 731_024_862  # first key of the two-int4 advisory locks on calibration names
 
 
 class NotFoundError(LookupError):
@@ -789,6 +791,24 @@ def parse_calibration_ref(ref: str) -> tuple[str, int | None]:
     return name, int(version)
 
 
+def _lock_calibration_name(s: Session, name: str) -> None:
+    """Hold, until the transaction ends, a lock that serialises version numbering of ``name``.
+
+    Without it two processes calibrating one name read the same last version and the second fails
+    on the unique (name, version) constraint. PostgreSQL gets an advisory lock per name; SQLite takes
+    its single write lock now, through an update that matches no row, before the last version is read.
+    """
+    dialect = s.get_bind().dialect.name
+    if dialect == "postgresql":
+        key = zlib.crc32(name.encode("utf-8")) - 2**31  # pg's int4 range
+        s.execute(
+            text("SELECT pg_advisory_xact_lock(:space, :key)"), {"space": _CALIBRATION_LOCK_SPACE, "key": key}
+        )
+    elif dialect == "sqlite":
+        table = Calibration.__table__
+        s.execute(table.update().where(false()).values(name=table.c.name))
+
+
 def save_calibration(
     s: Session,
     name: str,
@@ -808,6 +828,7 @@ def save_calibration(
         raise ValueError(f"calibration {name!r}: method {method!r} is not one of {list(CALIBRATION_METHODS)}")
     if not math.isfinite(float(voxel_threshold)):
         raise ValueError(f"calibration {name!r}: voxel threshold {voxel_threshold!r} is not a finite number")
+    _lock_calibration_name(s, name)
     last = s.execute(select(func.max(Calibration.version)).where(Calibration.name == name)).scalar_one()
     calibration = Calibration(
         name=name,

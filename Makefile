@@ -41,7 +41,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check anomaly pipelines dashboard tests benchmarks
+	$(BIN)/ruff check anomaly pipelines dashboard tests benchmarks setup.py
 
 clean:
 	rm -rf $(VENV) results data/sample .pytest_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -230,3 +231,46 @@ def test_missing_default_model_is_an_error_not_a_substitute(monkeypatch: pytest.
     monkeypatch.setenv("ANOMALY_MODELS_DIR", str(tmp_path))
     with pytest.raises(ModelLoadError, match="reinstall the package"):
         load_model("default")
+
+
+@pytest.mark.slow
+def test_a_built_wheel_serves_every_family_without_the_checkout(tmp_path: Path) -> None:
+    """``configs/models`` sits outside the package; the wheel's build copies it in, so an installed wheel
+    knows ``medical-vae`` and the SD baselines as a checkout does."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
+        shutil.copy2(root / name, source / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("anomaly", "pipelines", "dashboard", "configs"):
+        shutil.copytree(root / name, source / name, ignore=ignore)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+         str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(tmp_path / "site")  # a pure-Python wheel installs by unpacking
+    probe = (
+        "import anomaly, json; from anomaly.models.families import families_dir; "
+        "from anomaly.models.registry import entries; "
+        "print(json.dumps([anomaly.__file__, str(families_dir()), sorted(entries())]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ANOMALY_FAMILIES_DIR"}
+    env["PYTHONPATH"] = str(tmp_path / "site")
+    ran = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=120)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    module, folder, names = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert Path(module).is_relative_to(tmp_path / "site")
+    assert Path(folder) == tmp_path / "site" / "anomaly" / "assets" / "families"
+    assert names == ["default", "medical-vae", "sd-vae-ft-mse", "sdxl-vae"]
+    assert sorted(p.name for p in Path(folder).glob("*.yaml")) == sorted(
+        p.name for p in (root / "configs" / "models").glob("*.yaml")
+    )

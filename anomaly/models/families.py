@@ -21,10 +21,18 @@ ARCHITECTURE_KEYS: tuple[str, ...] = ("in_channels", "out_channels", "down_block
                                       "block_out_channels", "layers_per_block", "latent_channels")
 
 
+CHECKOUT_FAMILIES = Path(__file__).resolve().parents[2] / "configs" / "models"
+"""``configs/models`` of the project checkout the package runs from (source and editable installs)."""
+PACKAGED_FAMILIES = Path(__file__).resolve().parents[1] / "assets" / "families"
+"""The copy of ``configs/models`` that a built wheel carries (written by ``setup.py`` at build time)."""
+
+
 def families_dir() -> Path:
-    """``ANOMALY_FAMILIES_DIR``, or ``configs/models`` of the project checkout this package is installed from."""
+    """``ANOMALY_FAMILIES_DIR``; else ``configs/models`` of the checkout; else the copy inside a wheel."""
     env = os.environ.get(FAMILIES_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "configs" / "models"
+    if env:
+        return Path(env)
+    return CHECKOUT_FAMILIES if CHECKOUT_FAMILIES.is_dir() else PACKAGED_FAMILIES
 
 
 @dataclass(frozen=True)

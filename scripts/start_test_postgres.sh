@@ -46,7 +46,7 @@ if [[ "${1:-}" == "stop" ]]; then
     fi
     as_server_user "$bindir/pg_ctl" -D "$dir/data" -m fast -w stop >&2
     rm -rf "$dir"
-    rm -f "$state_file"
+    if [[ "$(cat "$state_file" 2>/dev/null || true)" == "$dir" ]]; then rm -f "$state_file"; fi
     exit 0
 fi
 

@@ -16,6 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment with the project on ``PYTHONPATH``, for tests that start Python children."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
 def phantom(shape: tuple[int, int, int] = (56, 64, 48), seed: int = 0, lesion: bool = False) -> np.ndarray:
     """A skull-stripped brain-like volume: ellipsoid 'brain' with a grey rim, white core and dark
     ventricles on a zero background; with ``lesion`` a bright blob in the white matter."""

@@ -39,9 +39,9 @@ from anomaly.store import (
     run_results,
     upsert_result,
 )
+from tests.conftest import child_env
 
 TABLES = {"scans", "models", "calibrations", "runs", "results", "findings", "reviews"}
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def sha(text_: str) -> str:
@@ -670,7 +670,7 @@ _WORKER = textwrap.dedent(
 
 def test_several_processes_share_one_sqlite_file(db_path: Path) -> None:
     """Two writer processes create the database at the same moment and write while this one reads."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = child_env()
     workers = [
         subprocess.Popen(
             [sys.executable, "-c", _WORKER, str(db_path), tag, "40"],
@@ -720,7 +720,7 @@ _OPENER = textwrap.dedent(
 
 def test_processes_opening_a_new_file_at_the_same_instant_all_switch_it_to_wal(tmp_path: Path) -> None:
     """SQLite skips its busy handler for a journal-mode change; the engine must retry it itself."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = child_env()
     paths = [str(tmp_path / f"new{i}.db") for i in range(16)]
     first = time.time() + 4.0  # every process is imported and spinning before the first file is opened
     openers = [

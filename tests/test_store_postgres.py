@@ -14,7 +14,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import timezone
-from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -23,8 +22,8 @@ from sqlalchemy import create_engine, delete, select, text
 from sqlalchemy.engine import make_url
 
 import anomaly.store as st
+from tests.conftest import child_env
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PG_URL = os.environ.get("ANOMALY_TEST_PG_URL", "")
 pytestmark = pytest.mark.skipif(not PG_URL, reason="set ANOMALY_TEST_PG_URL (scripts/start_test_postgres.sh)")
 
@@ -74,7 +73,7 @@ def test_migrations_match_orm_and_reopen_is_idempotent(pg_url: str) -> None:
 def test_concurrent_first_opens_are_serialised(pg_url: str) -> None:
     """Several processes creating the schema of one new database at once all succeed."""
     code = "import sys; from anomaly.store import open_store; open_store(sys.argv[1]).close()"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = child_env()
     procs = [
         subprocess.Popen([sys.executable, "-c", code, pg_url], env=env, stderr=subprocess.PIPE, text=True)
         for _ in range(3)
@@ -195,7 +194,7 @@ def test_concurrent_calibrations_of_one_name_get_distinct_versions(pg_url: str) 
     """Processes saving versions of one calibration at once never collide on a version number."""
     st.open_store(pg_url).close()
     start = time.time() + 4.0  # every process is connected and spinning before the first save
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = child_env()
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _CALIBRATOR, pg_url, tag, str(start)], env=env, stderr=subprocess.PIPE, text=True

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -237,10 +240,6 @@ def test_missing_default_model_is_an_error_not_a_substitute(monkeypatch: pytest.
 def test_a_built_wheel_serves_every_family_without_the_checkout(tmp_path: Path) -> None:
     """``configs/models`` sits outside the package; the wheel's build copies it in, so an installed wheel
     knows ``medical-vae`` and the SD baselines as a checkout does."""
-    import subprocess
-    import sys
-    import zipfile
-
     root = Path(__file__).resolve().parents[1]
     source = tmp_path / "src"
     source.mkdir()

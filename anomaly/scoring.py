@@ -52,6 +52,7 @@ def infer_grid_maps(prepared: PreparedVolume, model: SliceModel, *, batch_size: 
     """Run the model over the brain slices; maps and reconstruction on the model grid (zero elsewhere)."""
     anomaly = np.zeros_like(prepared.image)
     recon: np.ndarray | None = None
+    parts: dict[str, np.ndarray] = {}
     generator = torch.Generator().manual_seed(seed)
     context = model.volume_context(prepared)
     for start in range(0, len(prepared.slices), batch_size):
@@ -62,7 +63,18 @@ def infer_grid_maps(prepared: PreparedVolume, model: SliceModel, *, batch_size: 
             if recon is None:
                 recon = np.zeros_like(prepared.image)
             recon[:, :, index] = batch_to_slices(out.reconstruction)
+        for key, value in (out.parts or {}).items():
+            parts.setdefault(key, np.zeros_like(prepared.image))[:, :, index] = batch_to_slices(value)
+    if parts:
+        anomaly = np.where(_slice_mask(prepared), model.combine_parts(parts, prepared, context), 0).astype(np.float32)
     return anomaly, recon
+
+
+def _slice_mask(prepared: PreparedVolume) -> np.ndarray:
+    """True on the scored slices (a map is zero on slices the model never saw)."""
+    scored = np.zeros(prepared.image.shape[2], dtype=bool)
+    scored[prepared.slices] = True
+    return np.broadcast_to(scored, prepared.image.shape)
 
 
 def erode_mask(mask: np.ndarray, erode_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:

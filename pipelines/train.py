@@ -34,18 +34,18 @@ def gather_slices(recipe: TrainRecipe, work: Path, progress: bool = True) -> tup
     cache = work / "slices.pt"
     if cache.is_file() and (work / "slices.key").is_file() and (work / "slices.key").read_text() == key:
         both = torch.load(cache, weights_only=True)
-        train = SliceSet(both["train"]["images"], both["train"]["masks"], list(both["train"]["cases"]))
-        val = SliceSet(both["val"]["images"], both["val"]["masks"], list(both["val"]["cases"])) if both["val"] else None
+        train = SliceSet.from_dict(both["train"])
+        val = SliceSet.from_dict(both["val"]) if both["val"] else None
         return train, val
-    sources = find_sources(data.volumes, data.lesion_masks, data.all_excluded, base=data.base)
+    sources = find_sources(data.volumes, data.lesion_masks, data.all_excluded, base=data.base,
+                           brain_mask_names=data.brain_masks)
     train_src = [s for s in sources if matches_exclusion(s.path, data.validation) is None]
     val_src = [s for s in sources if matches_exclusion(s.path, data.validation) is not None]
     spec = input_spec(recipe)
     train = build_slice_set(train_src, spec, dilate_mm=data.dilate_mm, exclude=data.all_excluded, progress=progress)
     val = build_slice_set(val_src, spec, dilate_mm=data.dilate_mm, exclude=data.all_excluded) if val_src else None
     work.mkdir(parents=True, exist_ok=True)
-    torch.save({"train": {"images": train.images, "masks": train.masks, "cases": train.cases},
-                "val": {"images": val.images, "masks": val.masks, "cases": val.cases} if val else None}, cache)
+    torch.save({"train": train.to_dict(), "val": val.to_dict() if val else None}, cache)
     (work / "slices.key").write_text(key)
     return train, val
 

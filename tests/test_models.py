@@ -198,9 +198,10 @@ def test_intensity_floor_counts_only_brightness_above_the_contrasts_percentile(t
     prepared = {c: prepare_volume(Volume(data, affine, Path(f"{c}.nii.gz")), PreprocessConfig(), model.input_spec)
                 for c in ("t1", "t2", "scan")}
     assert [p.contrast for p in prepared.values()] == ["t1", "t2", None]
-    floor = model.volume_context(prepared["t1"])
+    floor = model.volume_context(prepared["t1"]).floor
     assert floor == pytest.approx(np.percentile(prepared["t1"].image[prepared["t1"].mask], 99)) and floor > 0.5
-    assert model.volume_context(prepared["t2"]) == 0.0 and model.volume_context(prepared["scan"]) == 0.0
+    assert model.volume_context(prepared["t1"]).contrast == "t1"
+    assert model.volume_context(prepared["t2"]).floor == 0.0 and model.volume_context(prepared["scan"]).floor == 0.0
     x = _slices() * 1.4
     base = load_model(tiny_vae_folder)
     base.map_config = MapConfig(sign="abs")

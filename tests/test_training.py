@@ -197,3 +197,43 @@ def test_shipped_default_model_is_small_and_trained_without_evaluation_cases() -
     for case in meta["training_volumes"]:
         assert matches_exclusion(case, EVALUATION_CASES) is None and case.split("/")[0] not in held_out
     assert (folder / "MODEL_CARD.md").is_file()
+
+
+def test_heads_are_stripped_with_the_brain_mask_beside_them(tmp_path: Path) -> None:
+    brain = phantom((48, 56, 48), seed=3)
+    inside = brain > 0
+    head = np.where(inside, brain, 0).astype(np.float32)
+    from scipy import ndimage
+
+    shell = ndimage.binary_dilation(inside, iterations=4) & ~inside  # a bright "skull" around the brain
+    head[shell] = 120.0
+    write_nifti(tmp_path / "subj" / "t1_head.nii.gz", head, AFFINE)
+    write_nifti(tmp_path / "subj" / "labels.nii.gz", (inside * 7).astype(np.uint8), AFFINE, dtype=np.uint8)
+    sources = find_sources(["subj/t1_head.nii.gz"], base=tmp_path, brain_mask_names=["labels.nii.gz"])
+    assert sources[0].brain_mask is not None and sources[0].contrast == "t1"
+    stripped, masks = healthy_slices(sources[0], SPEC)
+    raw, raw_masks = healthy_slices(replace(sources[0], brain_mask=None), SPEC)
+    # stripped: only the labelled brain remains (zero outside the mask); raw: the skull fills the slices
+    assert float(stripped.float()[~masks].abs().max()) == 0.0
+    assert float(raw_masks.float().mean()) > 1.15 * float(masks.float().mean())
+    assert build_slice_set(sources, SPEC, progress=False).contrasts == ["t1"] * len(stripped)
+
+
+def test_class_conditional_healer_heals_towards_the_scans_contrast(tmp_path: Path, slices) -> None:  # noqa: ANN001
+    torch.set_num_threads(2)
+    vae = build_vae(TINY_VAE, 32).eval()
+    mixed = type(slices)(torch.cat([slices.images, slices.images.flip(-1)]),
+                         torch.cat([slices.masks, slices.masks.flip(-1)]),
+                         slices.cases * 2, ["t2"] * len(slices) + ["flair"] * len(slices))
+    config = replace(TINY_HEALER, class_conditional=True, balance_contrasts=True, max_steps=4)
+    healer = train_healer(vae, mixed, mixed, config, tmp_path / "run", progress=False).model
+    assert healer.config.classes == ("t2", "flair")
+    assert healer.unet.config.num_class_embeds == 3  # t2, flair and "unknown"
+    z = vae.encode(slices.images[:4].float() * 2 - 1).latent_dist.mode()
+    by = {c: healer.heal(z, generator=torch.Generator().manual_seed(0), contrast=c) for c in ("t2", "flair", None)}
+    assert not torch.equal(by["t2"], by["flair"]) and not torch.equal(by["t2"], by[None])
+    folder = save_model_folder(tmp_path / "model", vae, name="cond", input_spec=SPEC, restoration=healer)
+    again = load_model_folder(folder).restoration
+    assert again is not None and again.config.classes == ("t2", "flair")
+    torch.testing.assert_close(again.heal(z, generator=torch.Generator().manual_seed(0), contrast="flair"),
+                               by["flair"], atol=2e-3, rtol=1e-2)

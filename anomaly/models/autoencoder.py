@@ -11,6 +11,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from anomaly.contrast import CONTRASTS
+from anomaly.mapnorm import robust_z
 from anomaly.models.base import ModelIdentity, SliceModel, SliceOutput
 from anomaly.models.restoration import LatentDiffusionHealer
 from anomaly.preprocess import InputSpec, PreparedVolume
@@ -25,31 +26,80 @@ class MapConfig:
     ``intensity_floor`` maps a contrast (t1, t2, flair, or ``unknown``) to a brain intensity percentile:
     only brightness above that percentile of the scan's own brain counts. Bright tissue is normal on
     T1 (white matter), so there a high floor keeps only what is brighter than nearly all normal tissue;
-    a contrast not listed counts all brightness (floor 0)."""
+    a contrast not listed counts all brightness (floor 0).
+
+    ``normalise`` (``none`` or ``robust``): with ``robust`` each term is divided by its own spread over
+    the scan's brain (median and MAD, see :mod:`anomaly.mapnorm`) before they are added, so maps of
+    different scans share one scale and one threshold serves a batch; the map is then in units of the
+    healthy brain's spread. ``sign_by_contrast`` and ``intensity_weight_by_contrast`` override ``sign``
+    and ``intensity_weight`` for a contrast (t1, t2, flair, unknown)."""
 
     reference: str = "reconstruction"
     sign: str = "abs"
     intensity_weight: float = 0.0
     intensity_floor: dict[str, float] = field(default_factory=dict)
+    normalise: str = "none"
+    residual_weight: float = 1.0
+    sign_by_contrast: dict[str, str] = field(default_factory=dict)
+    intensity_weight_by_contrast: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.reference not in ("input", "reconstruction"):
             raise ValueError(f"map.reference must be input or reconstruction, not {self.reference!r}")
-        if self.sign not in ("abs", "positive", "negative"):
-            raise ValueError(f"map.sign must be abs, positive or negative, not {self.sign!r}")
-        if self.intensity_weight < 0:
-            raise ValueError(f"map.intensity_weight must be >= 0, not {self.intensity_weight}")
-        floors = dict(self.intensity_floor or {})
+        for key, sign in {"": self.sign, **dict(self.sign_by_contrast or {})}.items():
+            if sign not in SIGNS:
+                where = f"map.sign_by_contrast.{key}" if key else "map.sign"
+                raise ValueError(f"{where} must be abs, positive or negative, not {sign!r}")
+        if self.normalise not in ("none", "robust"):
+            raise ValueError(f"map.normalise must be none or robust, not {self.normalise!r}")
+        if self.intensity_weight < 0 or self.residual_weight < 0:
+            raise ValueError("map.intensity_weight and map.residual_weight must be >= 0")
+        floors = _per_contrast("map.intensity_floor", self.intensity_floor)
         for key, value in floors.items():
-            if key not in (*CONTRASTS, "unknown"):
-                raise ValueError(f"map.intensity_floor: unknown contrast {key!r}; use {', '.join(CONTRASTS)} or unknown")
             if not 0 <= float(value) <= 100:
                 raise ValueError(f"map.intensity_floor.{key} must be a percentile in [0, 100], not {value}")
+        weights = _per_contrast("map.intensity_weight_by_contrast", self.intensity_weight_by_contrast)
+        if any(float(v) < 0 for v in weights.values()):
+            raise ValueError("map.intensity_weight_by_contrast values must be >= 0")
         object.__setattr__(self, "intensity_floor", {k: float(v) for k, v in floors.items()})
+        object.__setattr__(self, "intensity_weight_by_contrast", {k: float(v) for k, v in weights.items()})
+        object.__setattr__(self, "sign_by_contrast",
+                           {k: str(v) for k, v in _per_contrast("map.sign_by_contrast", self.sign_by_contrast).items()})
 
     def floor_percentile(self, contrast: str | None) -> float:
         """The brain percentile below which brightness does not count, for a scan of ``contrast``."""
         return self.intensity_floor.get(contrast or "unknown", 0.0)
+
+    def sign_for(self, contrast: str | None) -> str:
+        return self.sign_by_contrast.get(contrast or "unknown", self.sign)
+
+    def weight_for(self, contrast: str | None) -> float:
+        return self.intensity_weight_by_contrast.get(contrast or "unknown", self.intensity_weight)
+
+    @property
+    def depends_on_contrast(self) -> bool:
+        return bool(self.sign_by_contrast or self.intensity_weight_by_contrast
+                    or (self.intensity_floor and (self.intensity_weight or self.intensity_weight_by_contrast)))
+
+
+SIGNS = ("abs", "positive", "negative")
+
+
+def _per_contrast(name: str, values: dict[str, Any] | None) -> dict[str, Any]:
+    values = dict(values or {})
+    for key in values:
+        if key not in (*CONTRASTS, "unknown"):
+            raise ValueError(f"{name}: unknown contrast {key!r}; use {', '.join(CONTRASTS)} or unknown")
+    return values
+
+
+@dataclass(frozen=True)
+class ScanContext:
+    """What a map needs to know about its whole scan: the contrast it is scored as, and the intensity
+    below which brightness does not count (the brain percentile that ``intensity_floor`` names)."""
+
+    contrast: str | None = None
+    floor: float = 0.0
 
 
 class AutoencoderSliceModel(SliceModel):
@@ -100,39 +150,68 @@ class AutoencoderSliceModel(SliceModel):
 
     @property
     def uses_contrast(self) -> bool:
-        return bool(self.map_config.intensity_weight and self.map_config.intensity_floor)
+        return self.map_config.depends_on_contrast or bool(self.restoration is not None and self.restoration.config.classes)
 
-    def volume_context(self, prepared: PreparedVolume) -> float:
-        """The intensity floor of this scan: its brain's percentile that the map config names for its contrast."""
-        percentile = self.map_config.floor_percentile(prepared.contrast)
-        if not self.map_config.intensity_weight or percentile <= 0:
-            return 0.0
-        values = prepared.image[prepared.mask]
-        return float(np.percentile(values, percentile)) if values.size else 0.0
+    def volume_context(self, prepared: PreparedVolume) -> ScanContext:
+        """The scan's contrast and intensity floor (its brain's percentile that the map config names)."""
+        contrast = prepared.contrast
+        percentile = self.map_config.floor_percentile(contrast)
+        floor = 0.0
+        if self.map_config.weight_for(contrast) and percentile > 0:
+            values = prepared.image[prepared.mask]
+            floor = float(np.percentile(values, percentile)) if values.size else 0.0
+        return ScanContext(contrast=contrast, floor=floor)
 
     @torch.inference_mode()
     def score_slices(self, x: torch.Tensor, generator: torch.Generator | None = None,
                      context: Any = None) -> SliceOutput:
-        intensity: torch.Tensor | float = 0
-        if self.map_config.intensity_weight:  # x >= 0, so a floor of 0 keeps all of it
-            intensity = self.map_config.intensity_weight * (x - float(context or 0.0)).clamp_min(0)
+        ctx = context if isinstance(context, ScanContext) else ScanContext(floor=float(context or 0.0))
+        cfg = self.map_config
+        weight = cfg.weight_for(ctx.contrast)
+        sign = cfg.sign_for(ctx.contrast)
+        above = (x - ctx.floor).clamp_min(0)  # x >= 0, so a floor of 0 keeps all of it
         x = x.clamp(0, 1)
         with self._autocast():
             z = self.vae.encode(self._to_model(x)).latent_dist.mode()
             recon = self._from_model(self.vae.decode(z).sample)
             if self.restoration is None:
-                residual = _signed(x - recon, self.map_config.sign)
-                return SliceOutput(anomaly=residual + intensity, reconstruction=recon)
-            draws = max(1, int(self.restoration.config.draws))
-            reference = x if self.map_config.reference == "input" else recon
-            total = torch.zeros_like(x)
-            healed = torch.zeros_like(x)
-            for _ in range(draws):
-                zh = self.restoration.heal(z.float(), generator=generator).to(z.dtype)
-                decoded = self._from_model(self.vae.decode(zh).sample)
-                healed += decoded / draws
-                total += _signed(reference - decoded, self.map_config.sign) / draws
-        return SliceOutput(anomaly=total + intensity, reconstruction=healed)
+                residual = _signed(x - recon, sign)
+                shown = recon
+            else:
+                draws = max(1, int(self.restoration.config.draws))
+                reference = x if cfg.reference == "input" else recon
+                residual = torch.zeros_like(x)
+                shown = torch.zeros_like(x)
+                for _ in range(draws):
+                    zh = self.restoration.heal(z.float(), generator=generator, contrast=ctx.contrast).to(z.dtype)
+                    decoded = self._from_model(self.vae.decode(zh).sample)
+                    shown += decoded / draws
+                    residual += _signed(reference - decoded, sign) / draws
+        if cfg.normalise == "robust":
+            parts = {"residual": residual}
+            if weight:
+                parts["intensity"] = above
+            return SliceOutput(anomaly=cfg.residual_weight * residual + weight * above, reconstruction=shown,
+                               parts=parts)
+        return SliceOutput(anomaly=cfg.residual_weight * residual + weight * above, reconstruction=shown)
+
+    def combine_parts(self, parts: dict[str, np.ndarray], prepared: PreparedVolume, context: Any = None) -> np.ndarray:
+        """Robustly normalised residual plus the weighted, normalised intensity term, over the whole scan.
+
+        The residual is centred on its brain median and divided by its spread; the intensity term keeps
+        its zero when a floor applies (only brightness above the floor counts) and is divided by the
+        spread of the scan's brain intensities, else it is centred like the residual."""
+        ctx = context if isinstance(context, ScanContext) else ScanContext()
+        cfg = self.map_config
+        brain = prepared.mask
+        out = cfg.residual_weight * robust_z(parts["residual"], brain)
+        weight = cfg.weight_for(ctx.contrast)
+        if weight and "intensity" in parts:
+            if ctx.floor > 0:
+                out = out + weight * robust_z(parts["intensity"], brain, scale_of=prepared.image)
+            else:
+                out = out + weight * robust_z(parts["intensity"], brain)
+        return np.clip(out, 0, None).astype(np.float32)
 
     def identity(self) -> ModelIdentity:
         config: dict[str, Any] = {

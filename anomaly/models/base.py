@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from anomaly.preprocess import InputSpec, PreparedVolume
@@ -14,10 +15,13 @@ from anomaly.preprocess import InputSpec, PreparedVolume
 @dataclass
 class SliceOutput:
     """Per-slice anomaly maps (non-negative, intensity units of the [0, 1] input) and, for
-    reconstruction models, the (restored) reconstruction shown beside the input."""
+    reconstruction models, the (restored) reconstruction shown beside the input. A model whose map
+    needs whole-scan statistics also returns its terms in ``parts``; scoring gathers them over the
+    scan and hands them to :meth:`SliceModel.combine_parts`."""
 
     anomaly: torch.Tensor
     reconstruction: torch.Tensor | None = None
+    parts: dict[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,10 @@ class SliceModel(ABC):
     def volume_context(self, prepared: PreparedVolume) -> Any:
         """Per-scan values a map needs beyond its slices (e.g. a brain intensity percentile); None by default."""
         return None
+
+    def combine_parts(self, parts: dict[str, np.ndarray], prepared: PreparedVolume, context: Any = None) -> np.ndarray:
+        """The scan's map from its terms gathered over every slice (only for models that return ``parts``)."""
+        raise NotImplementedError(f"{type(self).__name__} returns map parts but does not combine them")
 
     @abstractmethod
     def identity(self) -> ModelIdentity:

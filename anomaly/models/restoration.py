@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,8 @@ HEALER_CONFIG = "healer.json"
 @dataclass(frozen=True)
 class HealerConfig:
     """Partial noising depth ``t0`` (of the scheduler's training steps), DDIM steps back, noise draws,
-    and the affine latent normalisation (``(z - latent_mean) * latent_scale``) the UNet was trained on."""
+    the affine latent normalisation (``(z - latent_mean) * latent_scale``) the UNet was trained on, and
+    for a class-conditional UNet the contrasts of its classes (one more class, last, is "unknown")."""
 
     kind: str = "latent-ddim"
     t0: int = 250
@@ -29,6 +30,14 @@ class HealerConfig:
     draws: int = 1
     latent_mean: float = 0.0
     latent_scale: float = 1.0
+    classes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+
+    def class_index(self, contrast: str | None) -> int:
+        """The UNet class of a contrast; the "unknown" class (last) for one it was not trained on."""
+        return self.classes.index(contrast) if contrast in self.classes else len(self.classes)
 
 
 class LatentDiffusionHealer(torch.nn.Module):
@@ -50,17 +59,22 @@ class LatentDiffusionHealer(torch.nn.Module):
         return [int(t) for t in self.scheduler.timesteps if int(t) <= t0]
 
     @torch.inference_mode()
-    def heal(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Restore a batch of latents ``[B, C, h, w]``."""
+    def heal(self, z: torch.Tensor, generator: torch.Generator | None = None,
+             contrast: str | None = None) -> torch.Tensor:
+        """Restore a batch of latents ``[B, C, h, w]`` (towards normal anatomy of ``contrast`` when the
+        UNet is class-conditional)."""
         cfg = self.config
         zs = (z - cfg.latent_mean) * cfg.latent_scale
         steps = self.timesteps()
         if not steps:
             return z
+        labels = None
+        if cfg.classes:
+            labels = torch.full((z.shape[0],), cfg.class_index(contrast), dtype=torch.long, device=z.device)
         noise = torch.randn(zs.shape, generator=generator, dtype=zs.dtype, device="cpu").to(zs.device)
         sample = self.scheduler.add_noise(zs, noise, torch.tensor([steps[0]]))
         for t in steps:
-            eps = self.unet(sample, t).sample
+            eps = self.unet(sample, t, class_labels=labels).sample
             sample = self.scheduler.step(eps, t, sample).prev_sample
         return sample / cfg.latent_scale + cfg.latent_mean
 
@@ -77,6 +91,11 @@ class LatentDiffusionHealer(torch.nn.Module):
         data.update({k: v for k, v in overrides.items() if v is not None})
         unet = UNet2DModel.from_pretrained(folder / "unet")
         scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+        known = {f.name for f in fields(HealerConfig)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{folder / HEALER_CONFIG}: unknown key(s) {', '.join(unknown)}; "
+                             f"allowed: {', '.join(sorted(known))}")
         return cls(unet.eval(), scheduler, HealerConfig(**data))
 
 

@@ -20,10 +20,12 @@ EVALUATION_CASES: tuple[str, ...] = (
 @dataclass(frozen=True)
 class DataConfig:
     """Which volumes to train on (glob patterns, relative to the recipe's ``base``), which lesion mask
-    names to look for beside them, what to keep out, and which cases form the validation split."""
+    names to look for beside them, which brain (or intracranial label) masks strip the heads among them,
+    what to keep out, and which cases form the validation split."""
 
     volumes: tuple[str, ...] = ()
     lesion_masks: tuple[str, ...] = ("lesion_mask.nii.gz", "tumor_labels.nii.gz")
+    brain_masks: tuple[str, ...] = ()
     exclude: tuple[str, ...] = EVALUATION_CASES
     validation: tuple[str, ...] = ()
     dilate_mm: float = 5.0
@@ -66,7 +68,11 @@ class VaeTrainConfig:
 
 @dataclass(frozen=True)
 class HealerTrainConfig:
-    """The latent ``UNet2DModel`` (epsilon prediction, DDPM steps) and how healing runs at scoring."""
+    """The latent ``UNet2DModel`` (epsilon prediction, DDPM steps) and how healing runs at scoring.
+
+    ``class_conditional`` gives the UNet one class per contrast (t1, t2, flair) plus an "unknown" class,
+    trained on a random ``uncond_prob`` share of the latents, so a healer restores towards the normal
+    anatomy *of the scan's own contrast*; ``balance_contrasts`` samples each contrast equally often."""
 
     block_out_channels: tuple[int, ...] = (64, 128, 128)
     attention: tuple[bool, ...] = (False, True, True)
@@ -84,6 +90,9 @@ class HealerTrainConfig:
     t0: int = 250
     steps: int = 5
     draws: int = 1
+    class_conditional: bool = False
+    uncond_prob: float = 0.15
+    balance_contrasts: bool = False
 
 
 @dataclass(frozen=True)

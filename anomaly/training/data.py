@@ -12,7 +12,7 @@ import glob
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +22,10 @@ from monai.transforms import SpatialResample
 from scipy import ndimage
 
 from anomaly.config import PreprocessConfig
+from anomaly.contrast import guess_contrast
 from anomaly.preprocess import InputSpec, PreparedVolume, prepare_volume
 from anomaly.scoring import slices_to_batch
-from anomaly.volume import load_mask, load_volume
+from anomaly.volume import Volume, load_mask, load_volume
 
 MNI152 = "nilearn:mni152"
 
@@ -35,11 +36,13 @@ class ExcludedDataError(ValueError):
 
 @dataclass(frozen=True)
 class VolumeSource:
-    """One training volume: its file, an optional lesion mask beside it, and a contrast tag."""
+    """One training volume: its file, an optional lesion mask beside it, an optional brain mask beside it
+    (a head is stripped with it: labels > 0 are brain), and its contrast (t1, t2, flair, or "")."""
 
     path: Path
     lesion_mask: Path | None = None
     contrast: str = ""
+    brain_mask: Path | None = None
 
     @property
     def case(self) -> str:
@@ -48,22 +51,34 @@ class VolumeSource:
 
 @dataclass
 class SliceSet:
-    """Training slices ``[N, 1, H, W]`` in [0, 1] (float16 to save memory) and their brain masks."""
+    """Training slices ``[N, 1, H, W]`` in [0, 1] (float16 to save memory), their brain masks, the case
+    each came from, and its contrast (t1, t2, flair, or "" when unknown)."""
 
     images: torch.Tensor
     masks: torch.Tensor
     cases: list[str]
+    contrasts: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.contrasts:
+            self.contrasts = [guess_contrast(case) or "" for case in self.cases]
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def to_dict(self) -> dict[str, object]:
+        return {"images": self.images, "masks": self.masks, "cases": self.cases, "contrasts": self.contrasts}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SliceSet:
+        return cls(data["images"], data["masks"], list(data["cases"]), list(data.get("contrasts") or []))
+
     def save(self, path: str | os.PathLike[str]) -> None:
-        torch.save({"images": self.images, "masks": self.masks, "cases": self.cases}, path)
+        torch.save(self.to_dict(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SliceSet:
-        data = torch.load(path, weights_only=True)
-        return cls(data["images"], data["masks"], list(data["cases"]))
+        return cls.from_dict(torch.load(path, weights_only=True))
 
 
 def mni152_path() -> Path:
@@ -98,10 +113,12 @@ def check_not_excluded(path: str | os.PathLike[str], patterns: Sequence[str]) ->
 
 
 def find_sources(patterns: Iterable[str], lesion_names: Sequence[str] = (), exclude: Sequence[str] = (),
-                 base: str | os.PathLike[str] = ".", skip_excluded: bool = True) -> list[VolumeSource]:
+                 base: str | os.PathLike[str] = ".", skip_excluded: bool = True,
+                 brain_mask_names: Sequence[str] = ()) -> list[VolumeSource]:
     """Expand glob patterns (relative to ``base``; ``nilearn:mni152`` is the packaged template) into
-    sources with the first lesion mask found beside each file. Excluded files are skipped when
-    ``skip_excluded`` (a glob over a folder that holds evaluation cases), refused otherwise."""
+    sources with the first lesion mask (and brain mask, for heads) found beside each file. Excluded
+    files are skipped when ``skip_excluded`` (a glob over a folder that holds evaluation cases),
+    refused otherwise."""
     sources: list[VolumeSource] = []
     for pattern in patterns:
         if pattern == MNI152:
@@ -118,8 +135,8 @@ def find_sources(patterns: Iterable[str], lesion_names: Sequence[str] = (), excl
                     continue
                 check_not_excluded(path, exclude)
             lesion = next((path.parent / n for n in lesion_names if (path.parent / n).is_file()), None)
-            contrast = path.name.split(".")[0].lower()
-            sources.append(VolumeSource(path, lesion, contrast))
+            brain = next((path.parent / n for n in brain_mask_names if (path.parent / n).is_file()), None)
+            sources.append(VolumeSource(path, lesion, guess_contrast(path) or "", brain))
     for source in sources:
         check_not_excluded(source.path, exclude)
     return sources
@@ -137,7 +154,11 @@ def lesion_on_grid(mask_path: Path, prepared: PreparedVolume) -> np.ndarray:
 def healthy_slices(source: VolumeSource, spec: InputSpec, preprocess: PreprocessConfig | None = None,
                    dilate_mm: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The scoring slices of one volume that do not touch its lesion mask dilated by ``dilate_mm``."""
-    prepared = prepare_volume(load_volume(source.path), preprocess or PreprocessConfig(), spec)
+    volume = load_volume(source.path)
+    if source.brain_mask is not None:
+        volume = Volume(np.where(load_mask(source.brain_mask), volume.data, 0).astype(np.float32),
+                        volume.affine, volume.path)
+    prepared = prepare_volume(volume, preprocess or PreprocessConfig(), spec)
     index = prepared.slices
     if source.lesion_mask is not None:
         lesion = lesion_on_grid(source.lesion_mask, prepared)
@@ -157,7 +178,7 @@ def healthy_slices(source: VolumeSource, spec: InputSpec, preprocess: Preprocess
 def build_slice_set(sources: Sequence[VolumeSource], spec: InputSpec, preprocess: PreprocessConfig | None = None,
                     dilate_mm: float = 5.0, exclude: Sequence[str] = (), progress: bool = False) -> SliceSet:
     """Healthy slices of every source, checked once more against the exclusion list."""
-    images, masks, cases = [], [], []
+    images, masks, cases, contrasts = [], [], [], []
     iterator: Iterable[VolumeSource] = sources
     if progress:
         from tqdm.auto import tqdm
@@ -169,6 +190,7 @@ def build_slice_set(sources: Sequence[VolumeSource], spec: InputSpec, preprocess
         images.append(img)
         masks.append(msk)
         cases.extend([source.case] * len(img))
+        contrasts.extend([source.contrast] * len(img))
     if not images or sum(len(i) for i in images) == 0:
         raise ValueError("no healthy training slices: check data.volumes and the lesion masks")
-    return SliceSet(torch.cat(images), torch.cat(masks), cases)
+    return SliceSet(torch.cat(images), torch.cat(masks), cases, contrasts)

@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from anomaly.contrast import CONTRASTS
 from anomaly.models.restoration import HealerConfig, LatentDiffusionHealer
 from anomaly.training.augment import AugmentConfig, augment_batch, build_augmentation
 from anomaly.training.common import (
@@ -31,8 +32,10 @@ from anomaly.training.vae import autocast
 CHECKPOINT = "healer_checkpoint.pt"
 
 
-def build_unet(config: HealerTrainConfig, latent_channels: int, latent_size: int) -> UNet2DModel:
-    """A ``UNet2DModel`` over latents; attention in the blocks that ``config.attention`` marks."""
+def build_unet(config: HealerTrainConfig, latent_channels: int, latent_size: int,
+               num_classes: int = 0) -> UNet2DModel:
+    """A ``UNet2DModel`` over latents; attention in the blocks that ``config.attention`` marks; with
+    ``num_classes`` > 0 a class embedding (one class per contrast plus "unknown")."""
     channels = tuple(int(c) for c in config.block_out_channels)
     attention = tuple(bool(a) for a in config.attention)
     if len(attention) != len(channels):
@@ -43,7 +46,8 @@ def build_unet(config: HealerTrainConfig, latent_channels: int, latent_size: int
     return UNet2DModel(sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
                        block_out_channels=channels, down_block_types=down, up_block_types=up,
                        layers_per_block=config.layers_per_block, norm_num_groups=groups,
-                       attention_head_dim=min(32, channels[-1]))
+                       attention_head_dim=min(32, channels[-1]),
+                       num_class_embeds=num_classes or None)
 
 
 @torch.no_grad()
@@ -70,27 +74,42 @@ def encode_slices(vae: AutoencoderKL, slices: SliceSet, *, copies: int = 1, augm
 
 
 def _epsilon_loss(unet: UNet2DModel, scheduler: DDPMScheduler, z: torch.Tensor, generator: torch.Generator,
-                  bf16: bool) -> torch.Tensor:
+                  bf16: bool, labels: torch.Tensor | None = None) -> torch.Tensor:
     noise = torch.randn(z.shape, generator=generator)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (z.shape[0],), generator=generator)
     noisy = scheduler.add_noise(z, noise, t)
     with autocast(bf16):
-        eps = unet(noisy, t).sample
+        eps = unet(noisy, t, class_labels=labels).sample
     return F.mse_loss(eps.float(), noise)
 
 
 @torch.no_grad()
 def validation_mse(unet: UNet2DModel, scheduler: DDPMScheduler, latents: torch.Tensor, bf16: bool,
-                   seed: int = 1234, batch: int = 128) -> float:
+                   seed: int = 1234, batch: int = 128, labels: torch.Tensor | None = None) -> float:
     """Epsilon MSE on validation latents with fixed noise and timesteps (comparable between checks)."""
     generator = torch.Generator().manual_seed(seed)
     unet.eval()
     total = 0.0
     for start in range(0, len(latents), batch):
         z = latents[start:start + batch]
-        total += float(_epsilon_loss(unet, scheduler, z, generator, bf16)) * len(z)
+        lab = labels[start:start + batch] if labels is not None else None
+        total += float(_epsilon_loss(unet, scheduler, z, generator, bf16, lab)) * len(z)
     unet.train()
     return total / max(len(latents), 1)
+
+
+def contrast_labels(contrasts: list[str], classes: tuple[str, ...], copies: int = 1) -> torch.Tensor:
+    """Class index per latent (``copies`` passes over the slices, as :func:`encode_slices` orders them)."""
+    index = [classes.index(c) if c in classes else len(classes) for c in contrasts]
+    return torch.tensor(index * copies, dtype=torch.long)
+
+
+def sampling_weights(labels: torch.Tensor, balance: bool) -> torch.Tensor | None:
+    """Per-latent weights that draw every class equally often (None: uniform)."""
+    if not balance:
+        return None
+    counts = torch.bincount(labels).float()
+    return 1.0 / counts[labels]
 
 
 def train_healer(vae: AutoencoderKL, train: SliceSet, val: SliceSet | None, config: HealerTrainConfig,
@@ -118,7 +137,15 @@ def train_healer(vae: AutoencoderKL, train: SliceSet, val: SliceSet | None, conf
     val_z = (val_z - mean) * scale
     log(f"healer latents: {tuple(train_z.shape)} train, {tuple(val_z.shape)} val; mean {mean:.4g}, scale {scale:.4g}")
 
-    unet = build_unet(config, int(train_z.shape[1]), int(train_z.shape[-1]))
+    present = tuple(c for c in CONTRASTS if c in set(train.contrasts))
+    all_y = contrast_labels(train.contrasts, present, config.augmented_copies)
+    weights = sampling_weights(all_y, config.balance_contrasts)
+    log(f"healer latents per contrast {dict(zip((*present, 'unknown'), torch.bincount(all_y).tolist(), strict=False))}"
+        f"{', drawn equally often' if weights is not None else ''}")
+    classes = present if config.class_conditional else ()
+    train_y = all_y if classes else None
+    val_y = contrast_labels(val.contrasts, classes) if classes and val is not None and len(val_z) else None
+    unet = build_unet(config, int(train_z.shape[1]), int(train_z.shape[-1]), len(classes) + 1 if classes else 0)
     scheduler = DDPMScheduler(num_train_timesteps=config.num_train_timesteps, clip_sample=False)
     ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=1e-4)
@@ -140,9 +167,16 @@ def train_healer(vae: AutoencoderKL, train: SliceSet, val: SliceSet | None, conf
     bar = tqdm(total=config.max_steps, initial=step, desc="healer", unit="step", disable=not progress, mininterval=5)
     running = None
     while step < config.max_steps:
-        index = torch.randint(0, len(train_z), (config.batch_size,), generator=generator)
+        if weights is not None:
+            index = torch.multinomial(weights, config.batch_size, replacement=True, generator=generator)
+        else:
+            index = torch.randint(0, len(train_z), (config.batch_size,), generator=generator)
         z = train_z[index]
-        loss = _epsilon_loss(unet, scheduler, z, generator, config.bf16)
+        labels = None
+        if train_y is not None:
+            labels = train_y[index].clone()
+            labels[torch.rand(len(labels), generator=generator) < config.uncond_prob] = len(classes)
+        loss = _epsilon_loss(unet, scheduler, z, generator, config.bf16, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -159,7 +193,7 @@ def train_healer(vae: AutoencoderKL, train: SliceSet, val: SliceSet | None, conf
             if len(val_z):
                 ema.store(unet.parameters())
                 ema.copy_to(unet.parameters())
-                record["val_mse"] = validation_mse(unet, scheduler, val_z, config.bf16)
+                record["val_mse"] = validation_mse(unet, scheduler, val_z, config.bf16, labels=val_y)
                 ema.restore(unet.parameters())
                 stopper.update(record["val_mse"])
             history.append(record)
@@ -180,6 +214,6 @@ def train_healer(vae: AutoencoderKL, train: SliceSet, val: SliceSet | None, conf
     final.eval()
     ddim = DDIMScheduler.from_config(scheduler.config)
     healer = LatentDiffusionHealer(final, ddim, HealerConfig(
-        t0=config.t0, steps=config.steps, draws=config.draws, latent_mean=mean, latent_scale=scale))
+        t0=config.t0, steps=config.steps, draws=config.draws, latent_mean=mean, latent_scale=scale, classes=classes))
     log(f"healer training ended at step {step} ({stopped})")
     return TrainResult(healer, step, history, stopper.best, stopped)

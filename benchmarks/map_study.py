@@ -1,0 +1,188 @@
+"""Choose a restoration model's map rule on patients that are NOT evaluation cases: pooled and per-scan
+voxel AUPRC and best Dice for candidate rules, per contrast, with the spread over patients.
+
+The choice set is the recipe's validation patients plus the lesion-bearing volumes of training
+patients (only their lesion-free slices were trained on, the lesions themselves never). Components
+(input, reconstruction, healed decodes per healing depth t0 and noise draw) are computed once per
+model and case and cached, so many rules are compared cheaply. Usage:
+python benchmarks/map_study.py --model runs/cond/model [--t0 150 250 350] [--draws 2] [--cache runs/study]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anomaly.config import PostprocessConfig, PreprocessConfig
+from anomaly.contrast import guess_contrast
+from anomaly.mapnorm import robust_z
+from anomaly.metrics import auprc, best_dice
+from anomaly.models import load_model
+from anomaly.preprocess import prepare_volume
+from anomaly.scoring import batch_to_slices, postprocess, slices_to_batch
+from anomaly.training.data import lesion_on_grid
+from anomaly.volume import load_volume
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+#: (dataset, case, contrasts, label file): validation patients first, then training patients' lesions.
+CHOICE_SET = [
+    ("brats2018", "Brats18_TCIA10_628_1", ("t1", "t2", "flair"), "tumor_labels"),
+    ("ms-open", "patient19", ("t1", "t2", "flair"), "lesion_mask"),
+    ("brats2018", "Brats18_CBICA_ABM_1", ("t1", "t2", "flair"), "tumor_labels"),
+    ("brats2018", "Brats18_TCIA01_201_1", ("t1", "t2", "flair"), "tumor_labels"),
+    ("brats2018", "Brats18_2013_23_1", ("t1", "t2", "flair"), "tumor_labels"),
+    ("brats2018", "Brats18_TCIA02_606_1", ("t1", "t2", "flair"), "tumor_labels"),
+    ("brats2013", "pat0003", ("flair",), "tumor_labels"),
+    ("brats2013", "pat0004", ("flair",), "tumor_labels"),
+    ("ms-open", "patient07", ("t1", "t2", "flair"), "lesion_mask"),
+]
+
+
+@torch.inference_mode()
+def components(model, path: Path, label: Path, t0s: tuple[int, ...], draws: int) -> dict[str, np.ndarray]:  # noqa: ANN001
+    """x, brain mask, truth, reconstruction and healed decodes (``healed{t0}_{draw}``) on the model grid."""
+    prepared = prepare_volume(load_volume(path), PreprocessConfig(), model.input_spec)
+    out = {"x": prepared.image.copy(), "brain": prepared.mask, "truth": lesion_on_grid(label, prepared),
+           "recon": np.zeros_like(prepared.image)}
+    keys = [f"healed{t0}_{d}" for t0 in t0s for d in range(draws)]
+    for key in keys:
+        out[key] = np.zeros_like(prepared.image)
+    base = model.restoration.config
+    contrast = guess_contrast(path)
+    for start in range(0, len(prepared.slices), 32):
+        index = prepared.slices[start:start + 32]
+        x = slices_to_batch(prepared.image, index).clamp(0, 1)
+        with model._autocast():
+            z = model.vae.encode(model._to_model(x)).latent_dist.mode()
+            out["recon"][:, :, index] = batch_to_slices(model._from_model(model.vae.decode(z).sample))
+            for t0 in t0s:
+                model.restoration.config = dataclasses.replace(base, t0=t0)
+                generator = torch.Generator().manual_seed(start)
+                for d in range(draws):
+                    zh = model.restoration.heal(z.float(), generator=generator, contrast=contrast).to(z.dtype)
+                    out[f"healed{t0}_{d}"][:, :, index] = batch_to_slices(
+                        model._from_model(model.vae.decode(zh).sample))
+    model.restoration.config = base
+    return out
+
+
+def cached_components(model, model_dir: str, cache: Path, path: Path, label: Path, t0s: tuple[int, ...],  # noqa: ANN001
+                      draws: int) -> dict[str, np.ndarray]:
+    key = hashlib.sha256(f"{Path(model_dir).resolve()}|{path}|{t0s}|{draws}".encode()).hexdigest()[:16]
+    file = cache / f"{key}.npz"
+    if file.is_file():
+        return dict(np.load(file))
+    comp = components(model, path, label, t0s, draws)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(file, **{k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in comp.items()})
+    return {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in comp.items()}
+
+
+Rule = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+def residual(c: dict[str, np.ndarray], t0: int, sign: str, draws: int) -> np.ndarray:
+    total = np.zeros_like(c["x"])
+    for d in range(draws):
+        diff = c["recon"] - c[f"healed{t0}_{d}"]
+        total += np.abs(diff) if sign == "abs" else np.clip(diff, 0, None)
+    return total / draws
+
+
+def intensity_term(c: dict[str, np.ndarray], floor: float | None) -> np.ndarray:
+    """Raw intensity (floor None), or intensity above the brain's ``floor`` percentile."""
+    if floor is None:
+        return c["x"]
+    return np.clip(c["x"] - np.percentile(c["x"][c["brain"]], floor), 0, None)
+
+
+def build_rules(t0s: tuple[int, ...], draws: int) -> dict[str, Rule]:
+    rules: dict[str, Rule] = {"intensity": lambda c: c["x"],
+                              "z(intensity)": lambda c: robust_z(c["x"], c["brain"])}
+    for t0 in t0s:
+        for sign in ("pos", "abs"):
+            for n in sorted({1, draws}):
+                tag = f"{sign}{t0}" + (f"x{n}" if n > 1 else "")
+                rules[tag] = lambda c, t0=t0, s=sign, n=n: residual(c, t0, s, n)
+                rules[f"z({tag})"] = lambda c, t0=t0, s=sign, n=n: robust_z(residual(c, t0, s, n), c["brain"])
+                for w in (0.5, 1.0, 2.0):
+                    rules[f"z({tag})+{w}z(x)"] = lambda c, t0=t0, s=sign, n=n, w=w: (
+                        robust_z(residual(c, t0, s, n), c["brain"]) + w * robust_z(c["x"], c["brain"]))
+                    rules[f"z({tag})+{w}zx>p99"] = lambda c, t0=t0, s=sign, n=n, w=w: (
+                        robust_z(residual(c, t0, s, n), c["brain"])
+                        + w * robust_z(intensity_term(c, 99), c["brain"], scale_of=c["x"]))
+                rules[f"{tag}+1.5x"] = lambda c, t0=t0, s=sign, n=n: residual(c, t0, s, n) + 1.5 * c["x"]
+                rules[f"{tag}+1.5x>p99"] = lambda c, t0=t0, s=sign, n=n: residual(c, t0, s, n) + 1.5 * intensity_term(c, 99)
+    return rules
+
+
+def evaluate(per_case: dict[str, list[tuple[np.ndarray, np.ndarray]]]) -> dict[str, float]:
+    maps = [m for m, _ in per_case]
+    truths = [t for _, t in per_case]
+    v, y = np.concatenate(maps), np.concatenate(truths)
+    scans = [auprc(m, t) for m, t in per_case if t.any()]
+    return {"pooled_auprc": auprc(v, y), "pooled_dice": best_dice(v, y)[0],
+            "scan_auprc_mean": float(np.mean(scans)), "scan_auprc_min": float(np.min(scans)),
+            "scan_auprc_max": float(np.max(scans)), "n": len(scans)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--t0", type=int, nargs="+", default=[150, 250, 350])
+    parser.add_argument("--draws", type=int, default=1)
+    parser.add_argument("--cache", default="runs/study")
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rules", nargs="*", default=None, help="only these rules (default: all)")
+    parser.add_argument("--out", default=None, help="write the table as CSV here")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model, precision="bf16")
+    t0s = tuple(args.t0)
+    rules = build_rules(t0s, args.draws)
+    if args.rules:
+        rules = {k: v for k, v in rules.items() if k in set(args.rules)}
+    post = PostprocessConfig()
+    results: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
+    for dataset, case, contrasts, label in CHOICE_SET:
+        folder = Path(args.data) / dataset / case
+        for contrast in contrasts:
+            comp = cached_components(model, args.model, Path(args.cache), folder / f"{contrast}.nii.gz",
+                                     folder / f"{label}.nii.gz", t0s, args.draws)
+            group = "T1" if contrast == "t1" else contrast.upper()
+            for name, rule in rules.items():
+                grid, scored = postprocess(rule(comp).astype(np.float32), comp["brain"], post, (1.5, 1.5, 1.5))
+                results[(group, name)].append((grid[scored], comp["truth"][scored]))
+            print(f"scored {dataset}/{case}/{contrast}", flush=True)
+    rows = []
+    for (group, name), per_case in sorted(results.items()):
+        rows.append({"contrast": group, "rule": name, **evaluate(per_case)})
+    for group in sorted({r["contrast"] for r in rows}):
+        print(f"\n## {group}")
+        print("| rule | pooled AUPRC | pooled best Dice | per-scan AUPRC mean [min, max] | n |")
+        print("| --- | --- | --- | --- | --- |")
+        for r in sorted((r for r in rows if r["contrast"] == group), key=lambda r: -r["pooled_auprc"]):
+            print(f"| {r['rule']} | {r['pooled_auprc']:.3f} | {r['pooled_dice']:.3f} | {r['scan_auprc_mean']:.3f} "
+                  f"[{r['scan_auprc_min']:.3f}, {r['scan_auprc_max']:.3f}] | {r['n']} |")
+    if args.out:
+        import csv
+
+        with open(args.out, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -74,14 +74,16 @@ class ScoringSettings:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32, bf16, or auto: bf16 where the hardware computes it natively
     seed: int = 0
     batch_size: int = 16
     save_reconstruction: bool = True
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision must be fp32 or bf16, not {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.precision == "auto":
+            object.__setattr__(self, "precision", resolve_precision("auto"))
         if self.batch_size < 1:
             raise ConfigError("batch_size must be at least 1")
 
@@ -97,6 +99,34 @@ class ScoringSettings:
     def hash(self) -> str:
         payload = json.dumps(self.result_dict(), sort_keys=True, default=list)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+
+
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU that supports it, or a CPU with AVX-512
+    BF16 or AMX units (elsewhere PyTorch emulates bf16 on the CPU, many times slower than fp32)."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    except OSError:
+        return False
+    return False
+
+
+def resolve_precision(value: str | None, device: str = "cpu") -> str:
+    """``auto`` (or None) becomes bf16 where ``device`` has native bf16 units, else fp32; others pass."""
+    if value in (None, "auto"):
+        return "bf16" if native_bf16(device) else "fp32"
+    return str(value)
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
@@ -139,11 +169,13 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_scoring_settings(path: str | os.PathLike[str] | None = None, *, contrast: str | None = None,
-                          **overrides: Any) -> ScoringSettings:
+                          device: str = "cpu", **overrides: Any) -> ScoringSettings:
     """Scoring settings from a YAML file (or the defaults), with keyword overrides applied on top
-    (``contrast`` overrides ``preprocess.contrast``)."""
+    (``contrast`` overrides ``preprocess.contrast``); precision ``auto`` is resolved for ``device``."""
     data = load_yaml(path) if path else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
+    if data.get("precision", "auto") == "auto":
+        data["precision"] = resolve_precision("auto", device)
     if contrast is not None:
         preprocess = data.get("preprocess") or {}
         if not isinstance(preprocess, dict):

@@ -10,6 +10,7 @@ seconds per brain. Not a test. Usage: python benchmarks/detection.py [--models d
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -93,54 +94,73 @@ def build_model(spec: str, precision: str) -> SliceModel:
     return load_model(spec, precision=precision)
 
 
+def contrast_of(group: str) -> str:
+    return group.split()[-1] if not group.startswith("colin27") else "T1"
+
+
 def evaluate(model_name: str, cases: list[Case], settings: ScoringSettings) -> dict[str, dict[str, float]]:
+    """Per group (dataset / contrast) and per contrast over every real case ("all ... "): pooled voxel
+    AUROC, AUPRC and best Dice (one threshold for all scans of the group), the per-scan AUPRC and best
+    Dice (mean, min, max: the spread over patients), scan AUROC where normal scans exist, s/brain."""
     try:
         model = build_model(model_name, settings.precision)
     except ModelLoadError as exc:
         print(f"skipped model {model_name}: {exc}")
         return {}
-    scores, voxels, seconds = defaultdict(list), defaultdict(lambda: ([], [])), defaultdict(list)
+    voxels: dict[str, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
+    seconds: dict[str, list[float]] = defaultdict(list)
     scan_scores: dict[str, list[tuple[float, bool]]] = defaultdict(list)
     for case in cases:
         t0 = time.perf_counter()
         maps = score_volume(case.volume, model, settings)
-        seconds[case.group].append(time.perf_counter() - t0)
-        colin_family = case.group.startswith("colin27")
+        elapsed = time.perf_counter() - t0
+        groups = [case.group]
+        if case.truth is not None and not case.group.startswith("colin27"):
+            groups.append(f"all real lesions {contrast_of(case.group)}")
+        for group in groups:
+            seconds[group].append(elapsed)
         if case.truth is None:
             for group in {c.group for c in cases if c.group.startswith("colin27 T1")}:
                 scan_scores[group].append((maps.score, False))
             continue
         inside = maps.brain_mask
-        voxels[case.group][0].append(maps.anomaly[inside])
-        voxels[case.group][1].append(case.truth[inside])
-        if colin_family:
+        for group in groups:
+            voxels[group].append((maps.anomaly[inside], case.truth[inside]))
+        if case.group.startswith("colin27"):
             scan_scores[case.group].append((maps.score, True))
-        scores[case.group].append(maps.score)
+        print(f"  {model_name}: {case.name} scored in {elapsed:.1f} s", flush=True)
     table: dict[str, dict[str, float]] = {}
-    for group, (values, labels) in voxels.items():
-        v, y = np.concatenate(values), np.concatenate(labels)
+    for group, pairs in voxels.items():
+        v = np.concatenate([p[0] for p in pairs])
+        y = np.concatenate([p[1] for p in pairs])
+        per_scan = [(auprc(a, b), best_dice(a, b)[0]) for a, b in pairs if b.any()]
         row = {"auroc": auroc(v, y), "auprc": auprc(v, y), "dice*": best_dice(v, y)[0],
-               "prevalence": float(y.mean()), "s/brain": float(np.mean(seconds[group])), "n": len(values)}
-        pairs = scan_scores.get(group, [])
-        row["scan_auroc"] = (scan_auroc([p[0] for p in pairs], [p[1] for p in pairs])
-                             if pairs and len({p[1] for p in pairs}) == 2 else float("nan"))
+               "scan_auprc_mean": float(np.mean([p[0] for p in per_scan])),
+               "scan_auprc_min": float(np.min([p[0] for p in per_scan])),
+               "scan_auprc_max": float(np.max([p[0] for p in per_scan])),
+               "scan_dice_mean": float(np.mean([p[1] for p in per_scan])),
+               "prevalence": float(y.mean()), "s/brain": float(np.mean(seconds[group])), "n": len(pairs)}
+        pairs_s = scan_scores.get(group, [])
+        row["scan_auroc"] = (scan_auroc([p[0] for p in pairs_s], [p[1] for p in pairs_s])
+                             if pairs_s and len({p[1] for p in pairs_s}) == 2 else float("nan"))
         table[group] = row
     return table
 
 
 def print_table(results: dict[str, dict[str, dict[str, float]]]) -> None:
-    header = f"| {'dataset / contrast':36} | {'model':13} | voxel AUROC | voxel AUPRC | best Dice (oracle) | scan AUROC | s/brain |"
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    groups = sorted({g for table in results.values() for g in table})
+    print("| dataset / contrast | model | voxel AUROC | voxel AUPRC pooled | best Dice pooled (oracle) | "
+          "AUPRC per scan: mean [min, max] | best Dice per scan: mean | scan AUROC | s/brain |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    groups = sorted({g for table in results.values() for g in table}, key=lambda g: (g.startswith("all"), g))
     for group in groups:
         for model, table in results.items():
             if group not in table:
                 continue
             r = table[group]
             scan = "n/a" if np.isnan(r["scan_auroc"]) else f"{r['scan_auroc']:.3f}"
-            print(f"| {group + ' (n=' + str(r['n']) + ')':36} | {model:13} | {r['auroc']:11.3f} | {r['auprc']:11.3f} | "
-                  f"{r['dice*']:18.3f} | {scan:>10} | {r['s/brain']:7.1f} |")
+            print(f"| {group} (n={r['n']}) | {model} | {r['auroc']:.3f} | {r['auprc']:.3f} | {r['dice*']:.3f} | "
+                  f"{r['scan_auprc_mean']:.3f} [{r['scan_auprc_min']:.3f}, {r['scan_auprc_max']:.3f}] | "
+                  f"{r['scan_dice_mean']:.3f} | {scan} | {r['s/brain']:.1f} |")
 
 
 def main() -> None:
@@ -148,9 +168,10 @@ def main() -> None:
     parser.add_argument("data", nargs="?", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
     parser.add_argument("--models", nargs="+", default=["default", "default+0x", "intensity", "medical-vae", "sd-vae-ft-mse"],
                         help="registry names or folders; NAME+Wx sets the intensity term of NAME's map to W")
-    parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-colin", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the figures as JSON here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -165,8 +186,11 @@ def main() -> None:
         if table:
             results[name] = table
     print_table(results)
-    print("best Dice is an oracle (threshold chosen on the same voxels); scan AUROC: Colin27 with lesions "
-          "against Colin27 and its mirror image (n/a where a group has no normal scans)")
+    print("pooled: one threshold for every scan of a row (what a calibration lives on); per scan: each scan "
+          "alone, mean and [min, max] over scans; best Dice is an oracle (threshold chosen on the same voxels); "
+          "scan AUROC: Colin27 with lesions against Colin27 and its mirror image (n/a where a group has no normal scans)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -135,6 +135,29 @@ def evaluate(per_case: dict[str, list[tuple[np.ndarray, np.ndarray]]]) -> dict[s
             "scan_auprc_max": float(np.max(scans)), "n": len(scans)}
 
 
+def leave_one_patient_out(results: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]],
+                          patients: dict[str, list[str]], rows: list[dict], top: int = 6) -> None:
+    """Choose the rule on all patients but one (pooled AUPRC, among the ``top`` rules overall), measure it
+    on that one: how well a choice made on some patients carries to an unseen one, against intensity."""
+    print("\n## Leave one patient out: rule chosen on the others, AUPRC on the left-out patient")
+    print("| contrast | left out | chosen rule | its AUPRC | intensity AUPRC |")
+    print("| --- | --- | --- | --- | --- |")
+    for group in sorted(patients):
+        ranked = sorted((r for r in rows if r["contrast"] == group), key=lambda r: -r["pooled_auprc"])
+        names = [r["rule"] for r in ranked[:top]]
+        for i, patient in enumerate(patients[group]):
+            scores = {}
+            for name in names:
+                pairs = [p for j, p in enumerate(results[(group, name)]) if j != i]
+                scores[name] = auprc(np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs]))
+            best = max(scores, key=scores.__getitem__)
+            held = results[(group, best)][i]
+            base = results[(group, "intensity")][i] if (group, "intensity") in results else None
+            base_text = f"{auprc(*base):.3f}" if base is not None and base[1].any() else "n/a"
+            held_text = f"{auprc(*held):.3f}" if held[1].any() else "n/a"
+            print(f"| {group} | {patient} | {best} | {held_text} | {base_text} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
@@ -143,18 +166,20 @@ def main() -> None:
     parser.add_argument("--cache", default="runs/study")
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--rules", nargs="*", default=None, help="only these rules (default: all)")
     parser.add_argument("--out", default=None, help="write the table as CSV here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    model = load_model(args.model, precision="bf16")
+    model = load_model(args.model, precision=args.precision)
     t0s = tuple(args.t0)
     rules = build_rules(t0s, args.draws)
     if args.rules:
         rules = {k: v for k, v in rules.items() if k in set(args.rules)}
     post = PostprocessConfig()
     results: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
+    patients: dict[str, list[str]] = defaultdict(list)
     for dataset, case, contrasts, label in CHOICE_SET:
         folder = Path(args.data) / dataset / case
         for contrast in contrasts:
@@ -164,6 +189,7 @@ def main() -> None:
             for name, rule in rules.items():
                 grid, scored = postprocess(rule(comp).astype(np.float32), comp["brain"], post, (1.5, 1.5, 1.5))
                 results[(group, name)].append((grid[scored], comp["truth"][scored]))
+            patients[group].append(f"{dataset}/{case}")
             print(f"scored {dataset}/{case}/{contrast}", flush=True)
     rows = []
     for (group, name), per_case in sorted(results.items()):
@@ -175,6 +201,7 @@ def main() -> None:
         for r in sorted((r for r in rows if r["contrast"] == group), key=lambda r: -r["pooled_auprc"]):
             print(f"| {r['rule']} | {r['pooled_auprc']:.3f} | {r['pooled_dice']:.3f} | {r['scan_auprc_mean']:.3f} "
                   f"[{r['scan_auprc_min']:.3f}, {r['scan_auprc_max']:.3f}] | {r['n']} |")
+    leave_one_patient_out(results, patients, rows)
     if args.out:
         import csv
 

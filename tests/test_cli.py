@@ -27,3 +27,19 @@ def test_no_verb_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_shipped_settings_file_holds_the_defaults() -> None:
     assert load_scoring_settings(REPO / "configs" / "score" / "default.yaml") == ScoringSettings()
+
+
+def test_precision_auto_is_bf16_only_where_the_hardware_has_it(tmp_path) -> None:  # noqa: ANN001
+    from anomaly.config import ConfigError, ScoringSettings, load_scoring_settings, native_bf16, resolve_precision
+
+    expected = "bf16" if native_bf16("cpu") else "fp32"
+    assert resolve_precision("auto") == expected and resolve_precision(None) == expected
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
+    assert load_scoring_settings().precision == expected  # the shipped default: auto
+    assert ScoringSettings(precision="auto").precision == expected
+    assert load_scoring_settings(precision="fp32").precision == "fp32"
+    config = tmp_path / "s.yaml"
+    config.write_text("precision: bf16\n")
+    assert load_scoring_settings(config).precision == "bf16"
+    with pytest.raises(ConfigError, match="precision"):
+        ScoringSettings(precision="fp16")

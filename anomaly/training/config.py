@@ -44,7 +44,8 @@ class VaeTrainConfig:
     ``crop_size`` > 0 trains on random square crops of the slices (the network is convolutional, so it
     still runs on whole slices; a quarter of the pixels makes a step about four times cheaper) up to step
     ``crop_until_step`` (0 = throughout), then whole slices in batches of ``full_batch_size``, because
-    GroupNorm statistics of crops differ from those of whole slices."""
+    GroupNorm statistics of crops differ from those of whole slices. ``init_from`` starts from the
+    weights of an ``AutoencoderKL`` folder of the same layout (fine-tuning, e.g. into the denoising variant)."""
 
     block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
     layers_per_block: int = 1
@@ -63,6 +64,7 @@ class VaeTrainConfig:
     val_every: int = 100
     patience: int = 0
     bf16: bool = True
+    init_from: str = ""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

@@ -108,7 +108,12 @@ def train_vae(train: SliceSet, val: SliceSet | None, config: VaeTrainConfig, out
     out_dir.mkdir(parents=True, exist_ok=True)
     log = log or (lambda line: None)
     generator = seed_everything(seed)
-    vae = build_vae(config, slice_size).to(memory_format=torch.channels_last)
+    vae = build_vae(config, slice_size)
+    if config.init_from and not (resume and (out_dir / CHECKPOINT).is_file()):
+        start = AutoencoderKL.from_pretrained(config.init_from, local_files_only=True)
+        vae.load_state_dict(start.float().state_dict())
+        log(f"VAE initialised from {config.init_from}")
+    vae = vae.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=1e-4)
     stopper = EarlyStopper(config.patience)
     history: list[dict[str, float]] = []

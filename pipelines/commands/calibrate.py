@@ -43,7 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="folder for the calibration maps (default: calibration/NAME beside "
                    "the database file)")
     p.add_argument("--config", metavar="YAML", help="scoring settings; score later with the same file")
-    p.add_argument("--precision", choices=("fp32", "bf16"), help="model arithmetic; score later with the same")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                   help="model arithmetic (auto: bf16 where the CPU has native bf16 units); score later with the same")
     add_contrast_option(p)
     p.add_argument("--batch-size", type=int, help="slices per model call (speed only)")
     p.add_argument("--min-volume-ml", type=float, default=0.05,

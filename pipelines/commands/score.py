@@ -29,7 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force-calibration", action="store_true",
                    help="apply --calibration even when it was made with other scoring settings")
     p.add_argument("--config", metavar="YAML", help="scoring settings (default: configs/score/default.yaml values)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), help="model arithmetic (bf16 is ~3x faster on CPUs with bf16 units)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                   help="model arithmetic: auto (the default) is bf16 autocast where the device has native bf16 "
+                        "units (about 3x faster, maps within 0.005 AUPRC of fp32) and fp32 elsewhere")
     add_contrast_option(p)
     p.add_argument("--batch-size", type=int, help="slices per model call")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
@@ -68,10 +70,11 @@ def run(args: argparse.Namespace) -> int:
     from anomaly.models import load_model
     from pipelines.batch import score_batch
 
+    device = resolve_device(args.device)
     settings = load_scoring_settings(args.config, precision=args.precision, batch_size=args.batch_size,
-                                     contrast=args.contrast,
+                                     contrast=args.contrast, device=device,
                                      save_reconstruction=False if args.no_recon else None)
-    model = load_model(args.model, precision=settings.precision, device=resolve_device(args.device))
+    model = load_model(args.model, precision=settings.precision, device=device)
     atlas = None
     if args.calibration and args.atlas != "none":
         from anomaly.atlas import load_atlas

@@ -150,7 +150,9 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
             kwargs[name] = value
     try:
         return cls(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
         raise ConfigError(f"bad settings {where or cls.__name__}: {exc}") from exc
 
 

@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--rules", nargs="*", default=None, help="only these rules (default: all)")
     parser.add_argument("--out", default=None, help="write the table as CSV here")
+    parser.add_argument("--patients", type=int, default=len(CHOICE_SET), help="only the first N patients of the set")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -180,7 +181,7 @@ def main() -> None:
     post = PostprocessConfig()
     results: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
     patients: dict[str, list[str]] = defaultdict(list)
-    for dataset, case, contrasts, label in CHOICE_SET:
+    for dataset, case, contrasts, label in CHOICE_SET[:args.patients]:
         folder = Path(args.data) / dataset / case
         for contrast in contrasts:
             comp = cached_components(model, args.model, Path(args.cache), folder / f"{contrast}.nii.gz",

@@ -11,7 +11,6 @@ from typing import TypeVar
 import torch
 from diffusers import AutoencoderKL
 
-from anomaly.models.autoencoder import MapConfig
 from anomaly.models.folder import save_model_folder
 from anomaly.preprocess import InputSpec
 from anomaly.training.common import print_logger, set_threads
@@ -61,9 +60,7 @@ def run_recipe(recipe: TrainRecipe, *, out: str | None = None, resume: bool = Tr
         f"{len(val) if val else 0} validation slices")
     spec = input_spec(recipe)
     folder = work / "model"
-    map_config = MapConfig(reference=recipe.map_reference, sign=recipe.map_sign,
-                           intensity_weight=recipe.map_intensity_weight,
-                           intensity_floor=dict(recipe.map_intensity_floor))
+    map_config = recipe.map
     extra = {"recipe": asdict(recipe), "training_volumes": sorted(set(train.cases))}
     if recipe.stage in ("vae", "both"):
         result = train_vae(train, val, recipe.vae, work, slice_size=spec.slice_size, seed=recipe.seed,
@@ -73,10 +70,10 @@ def run_recipe(recipe: TrainRecipe, *, out: str | None = None, resume: bool = Tr
                           map_config=map_config, extra=_json_safe(extra))
         vae = result.model
     else:
-        vae_dir = folder / "vae"
+        vae_dir = Path(recipe.vae_from) if recipe.vae_from else folder / "vae"
         if not (vae_dir / "config.json").is_file():
             raise FileNotFoundError(f"{vae_dir}: no trained VAE for the healer stage; run the recipe with "
-                                    "stage: vae (or both) first, with the same out folder")
+                                    "stage: vae (or both) first, with the same out folder, or set vae_from")
         vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True)
     if recipe.stage in ("healer", "both"):
         prior = _previous_extra(folder)

@@ -30,7 +30,13 @@ def test_shipped_settings_file_holds_the_defaults() -> None:
 
 
 def test_precision_auto_is_bf16_only_where_the_hardware_has_it(tmp_path) -> None:  # noqa: ANN001
-    from anomaly.config import ConfigError, ScoringSettings, load_scoring_settings, native_bf16, resolve_precision
+    from anomaly.config import (
+        ConfigError,
+        ScoringSettings,
+        load_scoring_settings,
+        native_bf16,
+        resolve_precision,
+    )
 
     expected = "bf16" if native_bf16("cpu") else "fp32"
     assert resolve_precision("auto") == expected and resolve_precision(None) == expected

@@ -136,8 +136,9 @@ def test_recipe_yaml_is_typed_and_refuses_unknown_keys(tmp_path: Path) -> None:
         load_recipe(bad)
 
 
-def test_default_recipe_keeps_every_evaluation_case_out() -> None:
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "train" / "default.yaml")
+@pytest.mark.parametrize("name", ["default", "vae"])
+def test_shipped_recipes_keep_every_evaluation_case_out(name: str) -> None:
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "train" / f"{name}.yaml")
     for case in ("ms-open/patient26", "brats2013/pat0001", "brats2013/pat0002",
                  "brats2018/Brats18_TCIA10_639_1", "mricron/templates/ch2"):
         assert case in recipe.data.exclude
@@ -154,8 +155,7 @@ def test_train_command_runs_a_tiny_recipe_into_a_loadable_folder(tmp_path: Path,
 name: tiny
 stage: both
 save_fp16: true
-map_intensity_weight: 1.5
-map_intensity_floor: {{t1: 99}}
+map: {{sign: abs, intensity_weight: 1.5, intensity_floor: {{t1: 99}}, normalise: robust}}
 data:
   base: "{data_dir}"
   volumes: ["pat*/t2.nii.gz", "brats2013/*/flair.nii.gz"]
@@ -176,6 +176,7 @@ healer: {{block_out_channels: [16, 32], attention: [false, true], layers_per_blo
     model = load_model_folder(folder)
     assert model.restoration is not None and model.map_config.sign == "abs"
     assert model.map_config.intensity_weight == 1.5 and model.map_config.intensity_floor == {"t1": 99.0}
+    assert model.map_config.normalise == "robust"
     volumes = json.loads((folder / "anomaly_model.json").read_text())["training_volumes"]
     assert volumes and not any(v.startswith(("pat0001", "pat2")) for v in volumes)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,15 @@ class HealerConfig:
     latent_mean: float = 0.0
     latent_scale: float = 1.0
     classes: tuple[str, ...] = ()
+    t0_by_contrast: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+        object.__setattr__(self, "t0_by_contrast", {str(k): int(v) for k, v in dict(self.t0_by_contrast or {}).items()})
+
+    def t0_for(self, contrast: str | None) -> int:
+        """The healing depth for a scan of ``contrast`` (``t0_by_contrast`` overrides ``t0``)."""
+        return self.t0_by_contrast.get(contrast or "unknown", self.t0)
 
     def class_index(self, contrast: str | None) -> int:
         """The UNet class of a contrast; the "unknown" class (last) for one it was not trained on."""
@@ -50,10 +56,10 @@ class LatentDiffusionHealer(torch.nn.Module):
         self.scheduler = scheduler
         self.config = config
 
-    def timesteps(self) -> list[int]:
-        """The DDIM timesteps from ``t0`` down, ``steps`` of them."""
+    def timesteps(self, contrast: str | None = None) -> list[int]:
+        """The DDIM timesteps from the contrast's ``t0`` down, ``steps`` of them."""
         total = int(self.scheduler.config.num_train_timesteps)
-        t0 = min(max(int(self.config.t0), 1), total - 1)
+        t0 = min(max(int(self.config.t0_for(contrast)), 1), total - 1)
         n = max(1, int(round(self.config.steps * total / t0)))
         self.scheduler.set_timesteps(n)
         return [int(t) for t in self.scheduler.timesteps if int(t) <= t0]
@@ -65,7 +71,7 @@ class LatentDiffusionHealer(torch.nn.Module):
         UNet is class-conditional)."""
         cfg = self.config
         zs = (z - cfg.latent_mean) * cfg.latent_scale
-        steps = self.timesteps()
+        steps = self.timesteps(contrast)
         if not steps:
             return z
         labels = None

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from anomaly.config import ConfigError, from_dict, load_yaml
+from anomaly.models.autoencoder import MapConfig
 from anomaly.training.augment import AugmentConfig
 
 #: The project's held-out evaluation cases: refused by every recipe, whatever its own list says.
@@ -100,18 +101,18 @@ class HealerTrainConfig:
 @dataclass(frozen=True)
 class TrainRecipe:
     """A whole training recipe: ``stage`` is ``vae``, ``healer`` or ``both``; ``save_fp16`` halves the
-    weight files (they load back as float32)."""
+    weight files (they load back as float32); ``map`` is the map rule written into the model folder
+    (:class:`anomaly.models.autoencoder.MapConfig`); ``vae_from`` (with stage ``healer``) names the
+    ``AutoencoderKL`` folder the healer is trained on, instead of the one the vae stage wrote."""
 
     name: str = "model"
     stage: str = "both"
     out: str = "runs/model"
     seed: int = 0
     threads: int = 0
-    map_reference: str = "reconstruction"
-    map_sign: str = "abs"
-    map_intensity_weight: float = 0.0
-    map_intensity_floor: dict[str, float] = field(default_factory=dict)
+    map: MapConfig = field(default_factory=MapConfig)
     save_fp16: bool = True
+    vae_from: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     vae: VaeTrainConfig = field(default_factory=VaeTrainConfig)
     healer: HealerTrainConfig = field(default_factory=HealerTrainConfig)

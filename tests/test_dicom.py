@@ -58,21 +58,38 @@ def _csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_series_in_any_orientation_give_maps_on_the_source_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_orientation_reads_back_on_the_source_grid(tmp_path: Path) -> None:
+    data = phantom(SHAPE, lesion=True)
+    for number, (name, affine) in enumerate(_affines().items(), start=1):
+        write_series(tmp_path / name, data, affine, series_number=number, compress=name == "las")
+    series, notes = find_series([tmp_path])
+    assert len(series) == len(_affines()) and notes == []
+    for one in series:
+        volume = load_series(one)
+        affine = _affines()[Path(one.container).name]
+        assert volume.shape == SHAPE and np.allclose(volume.affine, affine, atol=1e-4), one.container
+        assert np.allclose(volume.data, np.round(data / 0.1) * 0.1, atol=1e-3), "values keep the rescale slope"
+
+
+SCORED = ("ras", "rai", "oblique")
+
+
+def test_series_are_scored_into_maps_on_the_series_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ANOMALY_PATIENT_SALT", "test-salt")
     data = phantom(SHAPE, lesion=True)
     study = tmp_path / "study"
     uids = {}
-    for number, (name, affine) in enumerate(_affines().items(), start=1):
-        write_series(study / name, data, affine, series_number=number, description=f"{name} T1 MPRAGE",
-                     compress=name == "las", series_uid=f"1.2.826.0.1.3680043.8.498.{number}")
+    for number, name in enumerate(SCORED, start=1):
+        write_series(study / name, data, _affines()[name], series_number=number, description=f"{name} T1 MPRAGE",
+                     compress=name == "rai", series_uid=f"1.2.826.0.1.3680043.8.498.{number}")
         uids[name] = f"1.2.826.0.1.3680043.8.498.{number}"
     out, db, table = tmp_path / "out", tmp_path / "r.db", tmp_path / "s.csv"
     assert main(["score", str(study), "--out", str(out), "--model", "intensity", "--db", str(db),
                  "--csv", str(table), "--quiet"]) == 0
     rows = {r["series_uid"]: r for r in _csv(table)}
     assert set(rows) == set(uids.values())
-    for name, affine in _affines().items():
+    for name in SCORED:
+        affine = _affines()[name]
         row = rows[uids[name]]
         assert row["status"] == "ok", row["error"]
         image = nib.load(row["map_path"])

@@ -143,3 +143,14 @@ def test_unknown_participant_is_a_clear_error(tmp_path: Path, capsys: pytest.Cap
                  "--model", "intensity", "--db", str(tmp_path / "r.db"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "participant(s) 07 not found" in err and "01, 02, 03" in err
+    assert main(["bids", str(bids), str(tmp_path / "out"), "participant", "--session-label", "ses-9",
+                 "--model", "intensity", "--db", str(tmp_path / "r.db"), "--quiet"]) == 2
+    assert "session(s) 9 not found (the dataset has 1)" in capsys.readouterr().err
+
+
+def test_description_fields_are_checked_against_the_schema(tmp_path: Path) -> None:
+    (tmp_path / "dataset_description.json").write_text(json.dumps({
+        "Name": "x", "BIDSVersion": "1.10.0", "DatasetType": "derivative", "GeneratedBy": [{"Version": "1"}],
+        "SourceDatasets": "not a list"}))
+    assert derivative_problems(tmp_path) == ["dataset_description.json: GeneratedBy[0] lacks Name",
+                                             "dataset_description.json: SourceDatasets should be a JSON array"]

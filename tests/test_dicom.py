@@ -189,3 +189,17 @@ def test_contrast_from_series_metadata(texts: tuple[str, ...], timing: tuple, ex
     contrast, reason = contrast_from_metadata(texts, *timing)
     assert contrast == expected, reason
     assert reason
+
+
+def test_patient_salt_comes_from_the_environment_or_a_private_file(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.privacy import ENV_VAR, patient_salt, salt_file
+
+    monkeypatch.setenv(ENV_VAR, "shared-secret")
+    assert patient_salt() == b"shared-secret"
+    monkeypatch.delenv(ENV_VAR)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    first = patient_salt()
+    assert len(first) == 64 and patient_salt() == first, "made once, then reused"
+    assert salt_file() == tmp_path / "anomaly" / "patient-salt"
+    assert (salt_file().stat().st_mode & 0o777) == 0o600

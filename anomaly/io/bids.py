@@ -261,6 +261,7 @@ def derivative_problems(root: str | os.PathLike[str]) -> list[str]:
     if description.get("DatasetType") != "derivative":
         problems.append("dataset_description.json: DatasetType is not 'derivative'")
     schema = bst_schema.load_schema()
+    problems.extend(_description_problems(description, schema))
     regexes = [re.compile(r"(?:.*/)?" + r["regex"])
                for group in (schema.rules.files.common, schema.rules.files.deriv)
                for r in bst_rules.regexify_filename_rules(group, schema, level=2)]
@@ -275,4 +276,32 @@ def derivative_problems(root: str | os.PathLike[str]) -> list[str]:
                 continue
             if not any(rx.match(rel) for rx in regexes):
                 problems.append(f"{rel}: not a valid BIDS derivative file name")
+    return problems
+
+
+_JSON_TYPES = {"string": str, "array": list, "object": dict, "number": (int, float), "integer": int}
+
+
+def _description_problems(description: dict[str, Any], schema: Any) -> list[str]:
+    """Types of the ``dataset_description.json`` fields the schema defines, and the required fields of
+    their objects (``GeneratedBy`` entries need a ``Name``)."""
+    problems = []
+    for key, value in description.items():
+        spec = schema.objects.metadata.get(key)
+        if spec is None:
+            continue
+        spec = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
+        kind = _JSON_TYPES.get(str(spec.get("type")))
+        if kind is not None and not isinstance(value, kind):
+            problems.append(f"dataset_description.json: {key} should be a JSON {spec.get('type')}")
+            continue
+        items = spec.get("items") or {}
+        for i, entry in enumerate(value if isinstance(value, list) else []):
+            item_kind = _JSON_TYPES.get(str(items.get("type")))
+            if item_kind is not None and not isinstance(entry, item_kind):
+                problems.append(f"dataset_description.json: {key}[{i}] should be a JSON {items.get('type')}")
+                continue
+            for required in items.get("required", []) if isinstance(entry, dict) else []:
+                if required not in entry:
+                    problems.append(f"dataset_description.json: {key}[{i}] lacks {required}")
     return problems

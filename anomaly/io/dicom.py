@@ -233,11 +233,12 @@ def _collect_files(root: Path, files: Sequence[Path], groups: dict[tuple[str, bo
 
 
 def _collect_archive(archive: Path, groups: dict[tuple[str, bool, str], list[_Entry]], notes: list[str]) -> None:
-    skipped = 0
+    skipped = nifti = 0
     try:
         with zipfile.ZipFile(archive) as zf:
             for info in zf.infolist():
                 base = info.filename.rsplit("/", 1)[-1]
+                nifti += bool(base) and is_nifti_path(base)
                 if info.is_dir() or not base or base.startswith(".") or is_nifti_path(base):
                     continue
                 ds = _parse(blob := zf.read(info), info.filename)
@@ -252,6 +253,9 @@ def _collect_archive(archive: Path, groups: dict[tuple[str, bool, str], list[_En
         return
     if skipped:
         notes.append(f"{archive}: {skipped} member(s) that are not DICOM images skipped")
+    if nifti:
+        notes.append(f"{archive}: {nifti} NIfTI file(s) inside the archive are not read; unpack it and give the "
+                     "folder")
 
 
 def _number(value: Any) -> float | None:

@@ -157,8 +157,9 @@ class _Entry:
     header: Any
 
 
-def _parse(blob: bytes, name: str) -> Any | None:
-    """A pydicom dataset of an image object, or None for anything else (not DICOM, or no pixels)."""
+def _parse(blob: bytes) -> Any:
+    """A pydicom dataset of an image object; None when the bytes are not DICOM, False for a DICOM object
+    without pixels (a report, a presentation state, a DICOMDIR)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -220,7 +221,7 @@ def _collect_files(root: Path, files: Sequence[Path], groups: dict[tuple[str, bo
         except OSError as exc:
             notes.append(f"{file}: cannot be read ({exc}); skipped")
             continue
-        ds = _parse(blob, str(file))
+        ds = _parse(blob)
         if not ds:
             skipped += 1
             continue
@@ -241,7 +242,7 @@ def _collect_archive(archive: Path, groups: dict[tuple[str, bool, str], list[_En
                 nifti += bool(base) and is_nifti_path(base)
                 if info.is_dir() or not base or base.startswith(".") or is_nifti_path(base):
                     continue
-                ds = _parse(blob := zf.read(info), info.filename)
+                ds = _parse(blob := zf.read(info))
                 if not ds:
                     skipped += 1
                     continue

@@ -251,7 +251,7 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
             task = ScanTask(path=item.path, stem=stem, content_hash=digest, out_dir=out, series=item.series,
                             contrast=item.contrast, contrast_note=item.contrast_note, names=item.names,
                             source=item.source)
-            where = f"{item.path} ({item.series.where})" if item.series is not None else str(item.path)
+            where = item.series.where if item.series is not None else str(item.path)
             if digest in first_of:
                 rows.append(_row(task, "skipped", run_id, applied,
                                  error=f"same content as {first_of[digest]}; scored once"))

@@ -49,3 +49,51 @@ def resolve_contrast(setting: str, path: str | os.PathLike[str] | None) -> str |
     if setting != "auto":
         return setting
     return guess_contrast(path) if path is not None else None
+
+
+def contrast_from_text(*texts: str | None) -> str | None:
+    """The contrast named in free text such as a DICOM series description, protocol or sequence name."""
+    joined = " ".join(t for t in texts if t).lower().replace("*", " ")
+    joined = re.sub(r"[^a-z0-9]+", " ", joined)
+    extra_t1 = re.compile(r"(?<![a-z0-9])(tfl3d\w*|fl3d\w*|bravo|tfe|ffe3d|3d t1|t1 mpr|mp rage)(?![a-z0-9])")
+    for contrast, pattern in _TOKENS:
+        if pattern.search(joined):
+            return contrast
+    if "dark fluid" in joined or re.search(r"(?<![a-z0-9])tirm(?![a-z0-9])", joined):
+        return "flair"
+    if extra_t1.search(joined):
+        return "t1"
+    return None
+
+
+def contrast_from_timing(tr_ms: float | None, te_ms: float | None, ti_ms: float | None) -> str | None:
+    """The contrast implied by repetition, echo and inversion times (ms), or None when they do not say.
+
+    Long inversion with a long echo nulls fluid (FLAIR); a short echo with a moderate inversion
+    (MPRAGE) or with a short repetition is T1-weighted; a long repetition with a long echo is T2.
+    """
+    if te_ms is None:
+        return None
+    if ti_ms is not None and ti_ms >= 1500 and te_ms >= 50:
+        return "flair"
+    if ti_ms is not None and 300 <= ti_ms <= 1400 and te_ms <= 15:
+        return "t1"
+    if tr_ms is not None and tr_ms <= 1000 and te_ms <= 30:
+        return "t1"
+    if tr_ms is not None and tr_ms >= 2000 and te_ms >= 60:
+        return "t2"
+    return None
+
+
+def contrast_from_metadata(texts: tuple[str | None, ...], tr_ms: float | None = None, te_ms: float | None = None,
+                           ti_ms: float | None = None) -> tuple[str | None, str]:
+    """The contrast of a series from its description/sequence names, else its timing; with the reason."""
+    by_text = contrast_from_text(*texts)
+    named = ", ".join(repr(t) for t in texts if t)
+    if by_text is not None:
+        return by_text, f"named in {named}"
+    by_timing = contrast_from_timing(tr_ms, te_ms, ti_ms)
+    timing = ", ".join(f"{k} {v:g} ms" for k, v in (("TR", tr_ms), ("TE", te_ms), ("TI", ti_ms)) if v is not None)
+    if by_timing is not None:
+        return by_timing, f"from {timing}"
+    return None, f"neither the names ({named or 'none'}) nor the timing ({timing or 'none'}) say"

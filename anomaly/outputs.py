@@ -23,5 +23,10 @@ def sibling(map_path: str | os.PathLike[str], kind: str) -> Path:
     """Another output of the same scan, from the path of its map (``x_anomaly`` -> ``x_brain``)."""
     path = Path(map_path)
     if "_anomaly.nii" not in path.name:
+        from anomaly.io.bids import sibling_name
+
+        bids = sibling_name(path, kind)  # a BIDS derivative map (..._desc-anomaly_T1w.nii.gz)
+        if bids is not None:
+            return bids
         raise ValueError(f"{path}: not an anomaly map name (<stem>_anomaly.nii.gz)")
     return path.with_name(path.name.replace("_anomaly.nii", f"_{kind}.nii"))

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from anomaly.config import ScoringSettings
 from anomaly.fileio import atomic_path
+from anomaly.io.dicom import DicomSeries, find_series, is_zip_archive, looks_like_dicom
 from anomaly.models.base import SliceModel
 from anomaly.outputs import KINDS
 from anomaly.store import (
@@ -34,12 +35,13 @@ from anomaly.store import (
     parse_calibration_ref,
     upsert_result,
 )
+from anomaly.store.sources import set_scan_source
 from anomaly.volume import file_sha256, is_nifti_path, scan_name
 from pipelines.executors import Executor, LocalExecutor
 from pipelines.work import AppliedCalibration, ScanOutcome, ScanTask
 
 CSV_COLUMNS = ("path", "scan_id", "status", "score", "map_path", "error", "flagged", "calibration",
-               "mask_path", "recon_path", "n_findings", "timing_s", "warnings", "run_id")
+               "mask_path", "recon_path", "n_findings", "timing_s", "warnings", "run_id", "series_uid")
 
 
 class BatchError(RuntimeError):
@@ -78,6 +80,51 @@ def unique_stems(paths: Sequence[Path]) -> list[str]:
     return [s.replace(os.sep, "_").lstrip("_") or "scan" for s in stems]
 
 
+@dataclass(frozen=True)
+class InputItem:
+    """One thing to score before hashing: a NIfTI file, or a DICOM ``series`` (``path`` its folder or
+    archive); readers of other layouts (BIDS) also give the stem, output names and the source facts."""
+
+    path: Path
+    series: DicomSeries | None = None
+    stem: str | None = None
+    contrast: str | None = None
+    contrast_note: str | None = None
+    names: tuple[tuple[str, str], ...] = ()
+    source: tuple[tuple[str, Any], ...] = ()
+
+    def content_hash(self) -> str:
+        return self.series.content_hash if self.series is not None else file_sha256(self.path)
+
+
+def collect_inputs(inputs: Sequence[str | os.PathLike[str]], patient_salt: bytes | None = None
+                   ) -> tuple[list[InputItem], list[str]]:
+    """NIfTI files (as ``discover_inputs``) and the DICOM series in the same folders, zip archives and
+    DICOM files; with notes on what was skipped. Contrast of a series comes from the series itself."""
+    direct_dicom = [Path(p).expanduser() for p in inputs if Path(p).expanduser().is_file()
+                    and (is_zip_archive(p) or (not is_nifti_path(p) and looks_like_dicom(p)))]
+    nifti_inputs = [p for p in inputs if Path(p).expanduser() not in direct_dicom]
+    paths = discover_inputs(nifti_inputs) if nifti_inputs else []
+    folders = [Path(p).expanduser() for p in nifti_inputs if Path(p).expanduser().is_dir()]
+    series, notes = find_series([*folders, *direct_dicom], patient_salt) if folders or direct_dicom else ([], [])
+    stems = unique_stems(paths)
+    items = [InputItem(path=p, stem=stem) for p, stem in zip(paths, stems, strict=True)]
+    for one in series:
+        contrast, why = one.contrast
+        items.append(InputItem(path=Path(one.container), series=one, stem=one.label, contrast=contrast,
+                               contrast_note=f"series: {why}"))
+    return items, notes
+
+
+def _distinct(stems: Sequence[str]) -> list[str]:
+    seen: Counter[str] = Counter()
+    out = []
+    for stem in stems:
+        seen[stem] += 1
+        out.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return out
+
+
 @dataclass
 class BatchSummary:
     """What a batch did, for the summary line and the exit code."""
@@ -87,6 +134,7 @@ class BatchSummary:
     db_url: str
     rows: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.rows if r["status"] == status)
@@ -164,18 +212,25 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
                 executor: Executor | None = None, csv_path: str | os.PathLike[str] | None = None,
                 progress: bool = True, atlas: Any = None,
                 on_outcome: Callable[[ScanOutcome], None] | None = None,
-                force_calibration: bool = False) -> BatchSummary:
-    """Score every input into ``out_dir`` and ``store``; returns the per-file rows written to the CSV."""
+                force_calibration: bool = False, patient_salt: bytes | None = None,
+                items: Sequence[InputItem] | None = None) -> BatchSummary:
+    """Score every input into ``out_dir`` and ``store``; returns the per-file rows written to the CSV.
+
+    Inputs are NIfTI files, folders (NIfTI files and DICOM series found in them) and zip archives of
+    DICOM files; ``items`` replaces that search (a BIDS reader gives its images with their names)."""
     started = time.perf_counter()
     settings = settings or ScoringSettings()
     executor = executor or LocalExecutor()
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
-    paths = discover_inputs(inputs)
-    if not paths:
-        raise BatchError(f"no .nii or .nii.gz files found in {', '.join(map(str, inputs))}; "
-                         "give NIfTI files or folders that contain them")
+    notes: list[str] = []
+    if items is None:
+        items, notes = collect_inputs(inputs, patient_salt)
+    if not items:
+        raise BatchError(f"no .nii, .nii.gz or DICOM image files found in {', '.join(map(str, inputs))}; "
+                         "give NIfTI files, DICOM folders or zip archives of DICOM files, or folders that "
+                         "contain them")
     identity = model.identity()
     with store.session() as s:
         model_row = get_or_create_model(s, identity.name, identity.weights_hash, identity.config)
@@ -185,21 +240,26 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
         run = open_run(s, model_id, settings.to_dict(), settings.hash(), out, calibration_id, executor.name)
         run_id = run.id
 
-    hashes = [file_sha256(p) for p in _bar(paths, progress, "hashing", leave=False)]
+    hashes = [item.content_hash() for item in _bar(items, progress, "hashing", leave=False)]
+    stems = _distinct([item.stem or scan_name(item.path) for item in items])
     tasks: list[ScanTask] = []
     rows: list[dict[str, Any]] = []
-    first_of: dict[str, Path] = {}
+    first_of: dict[str, str] = {}
     skipped = 0
     with store.session() as s:
-        for path, stem, digest in zip(paths, unique_stems(paths), hashes, strict=True):
-            task = ScanTask(path=path, stem=stem, content_hash=digest, out_dir=out)
+        for item, stem, digest in zip(items, stems, hashes, strict=True):
+            task = ScanTask(path=item.path, stem=stem, content_hash=digest, out_dir=out, series=item.series,
+                            contrast=item.contrast, contrast_note=item.contrast_note, names=item.names,
+                            source=item.source)
+            where = item.series.where if item.series is not None else str(item.path)
             if digest in first_of:
                 rows.append(_row(task, "skipped", run_id, applied,
                                  error=f"same content as {first_of[digest]}; scored once"))
                 skipped += 1
                 continue
-            first_of[digest] = path
-            scan = get_or_create_scan(s, digest, path, stem)
+            first_of[digest] = where
+            scan = get_or_create_scan(s, digest, item.path, stem)
+            set_scan_source(s, scan, task.source_facts)
             done = get_result(s, run_id, scan.id)
             if done is not None and done.status == "ok" and done.map_path and Path(done.map_path).is_file():
                 rows.append(_row(task, "skipped", run_id, applied, score=done.score, map_path=done.map_path,
@@ -215,6 +275,7 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
         with store.session() as s:
             scan = get_or_create_scan(s, outcome.task.content_hash, outcome.task.path, outcome.task.stem,
                                       **outcome.facts)
+            set_scan_source(s, scan, outcome.task.source_facts)
             upsert_result(s, run_id, scan, status=outcome.status, input_path=str(outcome.task.path),
                           error=outcome.error, score=outcome.score, flagged=outcome.flagged,
                           map_path=outcome.map_path, recon_path=outcome.recon_path, mask_path=outcome.mask_path,
@@ -229,7 +290,7 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
     with store.session() as s:
         finish_run(s, run_id, n_skipped=skipped)
     summary = BatchSummary(run_id=run_id, out_dir=out, db_url=store.url, rows=rows,
-                           seconds=time.perf_counter() - started)
+                           seconds=time.perf_counter() - started, notes=notes)
     if csv_path is not None:
         write_csv(csv_path, rows)
     return summary
@@ -238,6 +299,7 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
 def remove_stale_temporaries(out_dir: Path) -> list[Path]:
     """Delete temporary map files an interrupted batch left behind (finished maps are never touched)."""
     stale = [p for kind in KINDS for p in out_dir.glob(f".*_{kind}.nii*.*") if p.is_file()]
+    stale += [p for p in out_dir.glob("sub-*/**/.sub-*.nii*.*") if p.is_file()]  # BIDS derivative names
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
@@ -246,7 +308,8 @@ def remove_stale_temporaries(out_dir: Path) -> list[Path]:
 def _row(task: ScanTask, status: str, run_id: int, calibration: AppliedCalibration | None, **values: Any) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(CSV_COLUMNS, "")
     row.update(path=str(task.path), scan_id=task.content_hash, status=status, run_id=run_id,
-               calibration=calibration.name if calibration else "")
+               calibration=calibration.name if calibration else "",
+               series_uid=(task.series.series_uid or "") if task.series is not None else "")
     row.update({k: ("" if v is None else v) for k, v in values.items()})
     return row
 

@@ -8,13 +8,14 @@ import os
 import sys
 from collections.abc import Sequence
 
-VERBS = ("score", "calibrate", "evaluate", "export", "models", "sample-data", "train", "dashboard")
+VERBS = ("score", "bids", "calibrate", "evaluate", "export", "models", "sample-data", "train", "dashboard")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anomaly",
-        description="Brain MRI anomaly detection: score NIfTI scans, calibrate thresholds, review results.",
+        description="Brain MRI anomaly detection: score NIfTI scans, DICOM series and BIDS datasets, calibrate "
+                    "thresholds, review results.",
         epilog="example:\n  anomaly sample-data data/sample && anomaly score data/sample --out results/demo\n\n"
                "Run `anomaly VERB --help` for each verb.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

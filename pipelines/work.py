@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from anomaly.config import ScoringSettings
+from anomaly.io.dicom import DicomSeries, load_series
 from anomaly.models.base import SliceModel
 from anomaly.outputs import output_path
 from anomaly.preprocess import PreparedVolume, prepare_volume
@@ -24,15 +25,32 @@ from anomaly.volume import Volume, VolumeError, load_volume, save_nifti
 
 @dataclass(frozen=True)
 class ScanTask:
-    """One input file and where its outputs go in ``out_dir`` (names in :mod:`anomaly.outputs`)."""
+    """One input and where its outputs go in ``out_dir`` (names in :mod:`anomaly.outputs`, or the
+    BIDS derivative names in ``names``). An input is a NIfTI file, or a DICOM ``series``; ``contrast``
+    is what the source says (series parameters, BIDS suffix), with ``contrast_note`` saying why."""
 
     path: Path
     stem: str
     content_hash: str
     out_dir: Path
+    series: DicomSeries | None = None
+    contrast: str | None = None
+    contrast_note: str | None = None
+    names: tuple[tuple[str, str], ...] = ()
+    source: tuple[tuple[str, Any], ...] = ()
 
     def output(self, kind: str) -> Path:
+        for name_kind, relative in self.names:
+            if name_kind == kind:
+                return self.out_dir / relative
         return output_path(self.out_dir, self.stem, kind)
+
+    @property
+    def source_facts(self) -> dict[str, Any]:
+        """What the store keeps about the source (see :mod:`anomaly.store.sources`)."""
+        if self.series is not None:
+            return self.series.store_facts()
+        return dict(self.source) or {"source": "nifti"}
 
 
 @dataclass(frozen=True)
@@ -78,8 +96,10 @@ def load_and_prepare(task: ScanTask, model: SliceModel, settings: ScoringSetting
     """Read, validate and preprocess; a bad file becomes ``Loaded.error`` with its reason."""
     t0 = time.perf_counter()
     try:
-        volume = load_volume(task.path)
+        volume = load_series(task.series) if task.series is not None else load_volume(task.path)
         prepared = prepare_volume(volume, settings.preprocess, model.input_spec)
+        if settings.preprocess.contrast == "auto" and (task.series is not None or task.contrast is not None):
+            prepared.contrast = task.contrast
         return Loaded(task, volume, prepared, seconds=time.perf_counter() - t0)
     except VolumeError as exc:
         return Loaded(task, error=str(exc), seconds=time.perf_counter() - t0)
@@ -106,13 +126,17 @@ def finish_scan(loaded: Loaded, model: SliceModel, settings: ScoringSettings,
         outcome = ScanOutcome(task, "ok", score=maps.score, facts=facts)
         warnings = list(loaded.prepared.warnings) + list(volume.warnings)
         if loaded.prepared.contrast is None and model.uses_contrast:
-            warnings.append("contrast unknown (the file name names none): brightness counted as on T2/FLAIR; "
+            what = (f"the series does not say: {task.contrast_note}" if task.series is not None
+                    else "the file name names none")
+            warnings.append(f"contrast unknown ({what}): brightness counted as on T2/FLAIR; "
                             "pass --contrast t1 (or t2, flair) if that is wrong")
         outcome.details = {"warnings": warnings,
                            "timings": {"prepare_s": loaded.seconds, **maps.timings},
                            "brain_volume_ml": loaded.prepared.brain_volume_ml,
                            "n_slices": int(len(loaded.prepared.slices)),
                            "contrast": loaded.prepared.contrast}
+        if task.contrast_note and settings.preprocess.contrast == "auto":
+            outcome.details["contrast_source"] = task.contrast_note
         outcome.map_path = str(save_nifti(maps.anomaly, volume.affine, task.output("anomaly")))
         save_nifti(maps.brain_mask.astype(np.uint8), volume.affine, task.output("brain"), dtype=np.uint8)
         if maps.reconstruction is not None:

@@ -81,7 +81,7 @@ class Base(DeclarativeBase):
 
 
 class Scan(Base):
-    """One input volume, identified by the SHA-256 of its file content."""
+    """One input volume, identified by the SHA-256 of its file content (of its files, for a DICOM series)."""
 
     __tablename__ = "scans"
 
@@ -94,6 +94,15 @@ class Scan(Base):
     orientation: Mapped[str | None] = mapped_column(String(16))
     dtype: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # where the scan came from (migration 0002_dicom): nifti, dicom or bids; DICOM identity; never a
+    # patient name or ID, only their salted hash
+    source: Mapped[str | None] = mapped_column(String(16))
+    study_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    series_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    series_description: Mapped[str | None] = mapped_column(String(255))
+    acquisition_date: Mapped[str | None] = mapped_column(String(32))
+    patient_hash: Mapped[str | None] = mapped_column(String(64))
+    source_meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     results: Mapped[list[Result]] = relationship(back_populates="scan")
 

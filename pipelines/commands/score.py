@@ -16,10 +16,15 @@ from pipelines.commands.common import (
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = new_parser(sub, "score", "Score NIfTI scans: writes DIR/<name>_anomaly.nii.gz per scan, records "
-                   "results in the database, skips scans already scored with the same model and settings.",
-                   "anomaly score data/sample --out results/demo --csv results/demo/scores.csv")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI files or folders (searched recursively)")
+    p = new_parser(sub, "score", "Score NIfTI scans and DICOM series: writes DIR/<name>_anomaly.nii.gz per "
+                   "scan, records results in the database, skips scans already scored with the same model and "
+                   "settings. Each DICOM series in a folder or zip archive is one scan, named "
+                   "<folder>_s<series number>_<description>; its contrast is read from the series.",
+                   "anomaly score data/sample --out results/demo --csv results/demo/scores.csv\n"
+                   "  anomaly score /pacs/export/study42 study43.zip --out results/pacs --model intensity")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="NIfTI files, DICOM folders, zip archives of DICOM files, or folders of them (searched "
+                        "recursively)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the maps")
     add_model_option(p)
     add_db_option(p)
@@ -83,12 +88,18 @@ def run(args: argparse.Namespace) -> int:
             atlas = load_atlas(args.atlas)
         except Exception as exc:  # noqa: BLE001 - regions are optional
             print(f"note: atlas {args.atlas!r} unavailable ({exc}); findings will have no region", file=sys.stderr)
+    from pipelines.privacy import patient_salt
+
     store = store_from(args)
     try:
         summary = score_batch(args.inputs, args.out, model, store, settings, calibration=args.calibration,
-                              force_calibration=args.force_calibration, executor=make_executor(args), csv_path=args.csv, progress=not args.quiet, atlas=atlas)
+                              force_calibration=args.force_calibration, executor=make_executor(args),
+                              csv_path=args.csv, progress=not args.quiet, atlas=atlas,
+                              patient_salt=patient_salt())
     finally:
         store.close()
+    for note in summary.notes:
+        print(f"note: {note}", file=sys.stderr)
     ok, failed, skipped = summary.count("ok"), summary.count("failed"), summary.count("skipped")
     for row in summary.rows:
         if row["status"] == "failed":

@@ -81,14 +81,20 @@ def colin_cases(seeds: tuple[int, ...] = (1, 2, 3)) -> list[Case]:
 
 
 def build_model(spec: str, precision: str) -> SliceModel:
-    """``NAME``, or ``NAME+Wx``: the model with its map's intensity term set to W (``default+0x`` is the
-    learned map alone; the shipped ``default`` carries W = 1.5)."""
+    """``NAME``, or ``NAME+Wx``: the model with its map's intensity term set to W in every contrast
+    (``default+0x`` is the learned map alone, its residual at full weight)."""
     if "+" in spec and spec.endswith("x"):
         name, weight = spec.split("+", 1)
         model = load_model(name, precision=precision)
         if not isinstance(model, AutoencoderSliceModel):
             raise ModelLoadError(f"{name}: only autoencoder models carry an intensity term")
-        model.map_config = replace(model.map_config, intensity_weight=float(weight[:-1]))
+        w = float(weight[:-1])
+        config = model.map_config
+        model.map_config = replace(config, intensity_weight=w,
+                                   intensity_weight_by_contrast={k: w for k in config.intensity_weight_by_contrast},
+                                   # the learned map alone keeps its residual at full weight in every contrast
+                                   residual_weight_by_contrast={} if w == 0 else config.residual_weight_by_contrast,
+                                   residual_weight=1.0 if w == 0 else config.residual_weight)
         model.name = spec
         return model
     return load_model(spec, precision=precision)

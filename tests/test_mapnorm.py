@@ -49,7 +49,8 @@ def test_normalised_maps_share_one_scale_across_scans(tiny_vae_folder: Path) -> 
     # on the model grid the map is in units of the brain's own spread: its median sits near 0-2 spreads
     inside = maps.grid_anomaly[maps.grid_mask]
     assert np.median(inside) < 3
-    # combine_parts: scaling the residual of a scan (a noisier scanner) leaves the map unchanged
+    # combine_parts: scaling the residual of a scan (a noisier scanner) leaves the map unchanged, and the
+    # intensity term is added on its own (per-scan percentile) scale
     prepared = maps.prepared
     rng = np.random.default_rng(0)
     residual = np.where(prepared.mask, rng.gamma(2.0, 0.02, prepared.image.shape), 0).astype(np.float32)
@@ -58,6 +59,8 @@ def test_normalised_maps_share_one_scale_across_scans(tiny_vae_folder: Path) -> 
     one = model.combine_parts(parts, prepared, ctx)
     two = model.combine_parts({**parts, "residual": 4 * residual}, prepared, ctx)
     np.testing.assert_allclose(one, two, rtol=1e-4, atol=1e-4)
+    expected = np.clip(robust_z(residual, prepared.mask) + prepared.image, 0, None)
+    np.testing.assert_allclose(one, expected, rtol=1e-5, atol=1e-5)
     # without normalisation the same change would scale the map
     model.map_config = replace(model.map_config, normalise="none")
     raw = score_volume(Volume(data, affine, Path("scan_t2.nii.gz")), model, settings)
@@ -66,8 +69,9 @@ def test_normalised_maps_share_one_scale_across_scans(tiny_vae_folder: Path) -> 
 
 def test_per_contrast_overrides_are_checked() -> None:
     config = MapConfig(sign="abs", sign_by_contrast={"t2": "positive"}, intensity_weight=1.0,
-                       intensity_weight_by_contrast={"t1": 0.0})
+                       intensity_weight_by_contrast={"t1": 0.0}, residual_weight_by_contrast={"flair": 0.02})
     assert config.sign_for("t2") == "positive" and config.sign_for("t1") == "abs" and config.sign_for(None) == "abs"
+    assert config.residual_weight_for("flair") == 0.02 and config.residual_weight_for("t2") == 1.0
     assert config.weight_for("t1") == 0.0 and config.weight_for("flair") == 1.0 and config.depends_on_contrast
     with pytest.raises(ValueError, match="sign_by_contrast.t2"):
         MapConfig(sign_by_contrast={"t2": "up"})

@@ -28,11 +28,13 @@ class MapConfig:
     T1 (white matter), so there a high floor keeps only what is brighter than nearly all normal tissue;
     a contrast not listed counts all brightness (floor 0).
 
-    ``normalise`` (``none`` or ``robust``): with ``robust`` each term is divided by its own spread over
-    the scan's brain (median and MAD, see :mod:`anomaly.mapnorm`) before they are added, so maps of
-    different scans share one scale and one threshold serves a batch; the map is then in units of the
-    healthy brain's spread. ``sign_by_contrast`` and ``intensity_weight_by_contrast`` override ``sign``
-    and ``intensity_weight`` for a contrast (t1, t2, flair, unknown)."""
+    ``normalise`` (``none`` or ``robust``): with ``robust`` the residual is centred on its median over the
+    scan's brain and divided by its spread there (MAD, see :mod:`anomaly.mapnorm`) before the intensity
+    term is added, so the learned term is on one scale in every scan and one threshold serves a batch
+    (the intensity is already on a per-scan scale: preprocessing maps the brain's 0.5th-99.5th
+    percentiles to [0, 1]). ``residual_weight`` multiplies the residual term. ``sign_by_contrast``,
+    ``intensity_weight_by_contrast`` and ``residual_weight_by_contrast`` override ``sign``,
+    ``intensity_weight`` and ``residual_weight`` for a contrast (t1, t2, flair, unknown)."""
 
     reference: str = "reconstruction"
     sign: str = "abs"
@@ -42,6 +44,7 @@ class MapConfig:
     residual_weight: float = 1.0
     sign_by_contrast: dict[str, str] = field(default_factory=dict)
     intensity_weight_by_contrast: dict[str, float] = field(default_factory=dict)
+    residual_weight_by_contrast: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.reference not in ("input", "reconstruction"):
@@ -59,8 +62,10 @@ class MapConfig:
             if not 0 <= float(value) <= 100:
                 raise ValueError(f"map.intensity_floor.{key} must be a percentile in [0, 100], not {value}")
         weights = _per_contrast("map.intensity_weight_by_contrast", self.intensity_weight_by_contrast)
-        if any(float(v) < 0 for v in weights.values()):
-            raise ValueError("map.intensity_weight_by_contrast values must be >= 0")
+        residual_weights = _per_contrast("map.residual_weight_by_contrast", self.residual_weight_by_contrast)
+        if any(float(v) < 0 for v in (*weights.values(), *residual_weights.values())):
+            raise ValueError("map.intensity_weight_by_contrast and map.residual_weight_by_contrast values must be >= 0")
+        object.__setattr__(self, "residual_weight_by_contrast", {k: float(v) for k, v in residual_weights.items()})
         object.__setattr__(self, "intensity_floor", {k: float(v) for k, v in floors.items()})
         object.__setattr__(self, "intensity_weight_by_contrast", {k: float(v) for k, v in weights.items()})
         object.__setattr__(self, "sign_by_contrast",
@@ -76,9 +81,12 @@ class MapConfig:
     def weight_for(self, contrast: str | None) -> float:
         return self.intensity_weight_by_contrast.get(contrast or "unknown", self.intensity_weight)
 
+    def residual_weight_for(self, contrast: str | None) -> float:
+        return self.residual_weight_by_contrast.get(contrast or "unknown", self.residual_weight)
+
     @property
     def depends_on_contrast(self) -> bool:
-        return bool(self.sign_by_contrast or self.intensity_weight_by_contrast
+        return bool(self.sign_by_contrast or self.intensity_weight_by_contrast or self.residual_weight_by_contrast
                     or (self.intensity_floor and (self.intensity_weight or self.intensity_weight_by_contrast)))
 
 
@@ -187,30 +195,20 @@ class AutoencoderSliceModel(SliceModel):
                     decoded = self._from_model(self.vae.decode(zh).sample)
                     shown += decoded / draws
                     residual += _signed(reference - decoded, sign) / draws
+        combined = cfg.residual_weight_for(ctx.contrast) * residual + weight * above
         if cfg.normalise == "robust":
-            parts = {"residual": residual}
-            if weight:
-                parts["intensity"] = above
-            return SliceOutput(anomaly=cfg.residual_weight * residual + weight * above, reconstruction=shown,
-                               parts=parts)
-        return SliceOutput(anomaly=cfg.residual_weight * residual + weight * above, reconstruction=shown)
+            return SliceOutput(anomaly=combined, reconstruction=shown, parts={"residual": residual, "intensity": above})
+        return SliceOutput(anomaly=combined, reconstruction=shown)
 
     def combine_parts(self, parts: dict[str, np.ndarray], prepared: PreparedVolume, context: Any = None) -> np.ndarray:
-        """Robustly normalised residual plus the weighted, normalised intensity term, over the whole scan.
-
-        The residual is centred on its brain median and divided by its spread; the intensity term keeps
-        its zero when a floor applies (only brightness above the floor counts) and is divided by the
-        spread of the scan's brain intensities, else it is centred like the residual."""
+        """The residual, centred and divided by its spread over the scan's brain, times its weight, plus the
+        weighted intensity term (already on the scan's own scale), over the whole scan."""
         ctx = context if isinstance(context, ScanContext) else ScanContext()
         cfg = self.map_config
-        brain = prepared.mask
-        out = cfg.residual_weight * robust_z(parts["residual"], brain)
+        out = cfg.residual_weight_for(ctx.contrast) * robust_z(parts["residual"], prepared.mask)
         weight = cfg.weight_for(ctx.contrast)
         if weight and "intensity" in parts:
-            if ctx.floor > 0:
-                out = out + weight * robust_z(parts["intensity"], brain, scale_of=prepared.image)
-            else:
-                out = out + weight * robust_z(parts["intensity"], brain)
+            out = out + weight * parts["intensity"]
         return np.clip(out, 0, None).astype(np.float32)
 
     def identity(self) -> ModelIdentity:

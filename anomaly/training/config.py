@@ -91,6 +91,7 @@ class HealerTrainConfig:
     patience: int = 0
     bf16: bool = True
     t0: int = 250
+    t0_by_contrast: dict[str, int] = field(default_factory=dict)
     steps: int = 5
     draws: int = 1
     class_conditional: bool = False

@@ -214,6 +214,7 @@ def train_healer(vae: AutoencoderKL, train: SliceSet, val: SliceSet | None, conf
     final.eval()
     ddim = DDIMScheduler.from_config(scheduler.config)
     healer = LatentDiffusionHealer(final, ddim, HealerConfig(
-        t0=config.t0, steps=config.steps, draws=config.draws, latent_mean=mean, latent_scale=scale, classes=classes))
+        t0=config.t0, steps=config.steps, draws=config.draws, latent_mean=mean, latent_scale=scale, classes=classes,
+        t0_by_contrast=dict(config.t0_by_contrast)))
     log(f"healer training ended at step {step} ({stopped})")
     return TrainResult(healer, step, history, stopper.best, stopped)

@@ -22,18 +22,20 @@ from tqdm import tqdm
 from anomaly.config import ScoringSettings
 from anomaly.fileio import atomic_path
 from anomaly.models.base import SliceModel
-from anomaly.outputs import KINDS
+from anomaly.outputs import KINDS, output_path, outputs_present, stem_candidates
 from anomaly.store import (
     Store,
     finish_run,
     get_calibration,
     get_or_create_model,
     get_or_create_scan,
+    claim_output_name,
     get_result,
     open_run,
     parse_calibration_ref,
     upsert_result,
 )
+from anomaly.fileio import path_problem
 from anomaly.volume import file_sha256, is_nifti_path, scan_name
 from pipelines.executors import Executor, LocalExecutor
 from pipelines.work import AppliedCalibration, ScanOutcome, ScanTask
@@ -46,21 +48,89 @@ class BatchError(RuntimeError):
     """A problem with the batch as a whole (no inputs, unknown calibration); the message says the fix."""
 
 
-def discover_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Files as given, and ``.nii``/``.nii.gz`` files found recursively in folders, in a stable order."""
-    found: list[Path] = []
+@dataclass
+class Discovery:
+    """What the inputs hold: scan files to score, entries that look like scans but cannot be read
+    (``problems``, each a failed row) and other skipped entries (``notes``), each with its reason."""
+
+    paths: list[Path] = field(default_factory=list)
+    problems: list[tuple[Path, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+_PAIR_SUFFIXES = (".hdr", ".hdr.gz")
+_HINT_UNREADABLE = "give a regular .nii/.nii.gz file"
+_HINT_PAIR = ("convert the pair to one .nii.gz file, e.g. nib.save(nib.load('scan.hdr'), 'scan.nii.gz'), "
+              "and score that")
+
+
+def find_inputs(inputs: Sequence[str | os.PathLike[str]]) -> Discovery:
+    """Files as given, and ``.nii``/``.nii.gz`` files found recursively in folders, in a stable order.
+
+    Nothing is opened: FIFOs, devices, sockets, dangling or looping links and folders named like scans
+    are reported with their reason, never read. A missing input raises :class:`BatchError`."""
+    found = Discovery()
+    seen_dirs: set[tuple[int, int]] = set()
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and is_nifti_path(p)))
-        elif path.exists():
-            found.append(path)
+            _walk(path, found, seen_dirs)
+            continue
+        problem = path_problem(path)
+        if problem is None:
+            found.paths.append(path)
+        elif os.path.lexists(path) and problem != "file not found":
+            found.problems.append((path, f"{problem}; {_HINT_UNREADABLE}"))
         else:
             raise BatchError(f"{path}: no such file or folder; check the input path")
     unique: dict[Path, None] = {}
-    for p in found:
+    for p in found.paths:
         unique.setdefault(p.resolve(), None)
-    return list(unique)
+    found.paths = list(unique)
+    return found
+
+
+def _walk(folder: Path, found: Discovery, seen_dirs: set[tuple[int, int]]) -> None:
+    """Search ``folder`` (following links to folders once each) and sort every entry into ``found``."""
+    try:
+        info = folder.stat()
+        if (info.st_dev, info.st_ino) in seen_dirs:
+            found.notes.append(f"{folder}: folder already searched (a symbolic link loops back to it); skipped")
+            return
+        seen_dirs.add((info.st_dev, info.st_ino))
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        found.notes.append(f"{folder}: cannot list the folder ({exc.strerror or exc}); skipped")
+        return
+    pairs: set[str] = set()
+    for entry in entries:
+        path = Path(entry.path)
+        name = entry.name.lower()
+        problem = path_problem(path)
+        named_scan = is_nifti_path(path)
+        if problem is not None and "folder" in problem:
+            if named_scan:
+                found.notes.append(f"{path}: a folder named like a NIfTI file; searched as a folder")
+            _walk(path, found, seen_dirs)
+        elif problem is None and named_scan:
+            found.paths.append(path)
+        elif problem is None and name.endswith(_PAIR_SUFFIXES):
+            stem = path.name[: -len(next(x for x in _PAIR_SUFFIXES if name.endswith(x)))]
+            if stem not in pairs:
+                pairs.add(stem)
+                found.problems.append((path, f"half of an Analyze/NIfTI .hdr/.img pair, not a single-file NIfTI; "
+                                             f"{_HINT_PAIR}"))
+        elif problem is not None and (named_scan or entry.is_symlink()):
+            reason = f"{problem}; {_HINT_UNREADABLE}"
+            if named_scan:
+                found.problems.append((path, reason))
+            else:
+                found.notes.append(f"{path}: {problem}; skipped")
+
+
+def discover_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The scan files among ``inputs`` (see :func:`find_inputs`; unreadable entries left out)."""
+    return find_inputs(inputs).paths
 
 
 def unique_stems(paths: Sequence[Path]) -> list[str]:
@@ -87,6 +157,7 @@ class BatchSummary:
     db_url: str
     rows: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.rows if r["status"] == status)
@@ -164,16 +235,20 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
                 executor: Executor | None = None, csv_path: str | os.PathLike[str] | None = None,
                 progress: bool = True, atlas: Any = None,
                 on_outcome: Callable[[ScanOutcome], None] | None = None,
-                force_calibration: bool = False) -> BatchSummary:
-    """Score every input into ``out_dir`` and ``store``; returns the per-file rows written to the CSV."""
+                force_calibration: bool = False, max_bytes: int | None = None) -> BatchSummary:
+    """Score every input into ``out_dir`` and ``store``; returns the per-file rows written to the CSV.
+
+    Each scan's output stem is claimed in the store before scoring (see :mod:`anomaly.outputs`), so
+    no map is ever overwritten by another scan or run. ``max_bytes`` is the memory budget of one volume
+    (default: :func:`anomaly.volume.max_volume_bytes`)."""
     started = time.perf_counter()
     settings = settings or ScoringSettings()
     executor = executor or LocalExecutor()
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
-    paths = discover_inputs(inputs)
-    if not paths:
+    found = find_inputs(inputs)
+    if not found.paths and not found.problems:
         raise BatchError(f"no .nii or .nii.gz files found in {', '.join(map(str, inputs))}; "
                          "give NIfTI files or folders that contain them")
     identity = model.identity()
@@ -185,23 +260,35 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
         run = open_run(s, model_id, settings.to_dict(), settings.hash(), out, calibration_id, executor.name)
         run_id = run.id
 
-    hashes = [file_sha256(p) for p in _bar(paths, progress, "hashing", leave=False)]
+    paths: list[Path] = []
+    hashes: list[str] = []
+    problems = list(found.problems)
+    for path in _bar(found.paths, progress, "hashing", leave=False):
+        try:
+            hashes.append(file_sha256(path))
+            paths.append(path)
+        except OSError as exc:  # vanished, unreadable or replaced by a special file since it was found
+            problems.append((path, f"cannot read the file ({exc.strerror or exc}); check it exists and is readable"))
     tasks: list[ScanTask] = []
     rows: list[dict[str, Any]] = []
     first_of: dict[str, Path] = {}
     skipped = 0
     with store.session() as s:
-        for path, stem, digest in zip(paths, unique_stems(paths), hashes, strict=True):
-            task = ScanTask(path=path, stem=stem, content_hash=digest, out_dir=out)
+        for path, preferred, digest in zip(paths, unique_stems(paths), hashes, strict=True):
             if digest in first_of:
+                task = ScanTask(path=path, stem=preferred, content_hash=digest, out_dir=out)
                 rows.append(_row(task, "skipped", run_id, applied,
                                  error=f"same content as {first_of[digest]}; scored once"))
                 skipped += 1
                 continue
             first_of[digest] = path
-            scan = get_or_create_scan(s, digest, path, stem)
+            scan = get_or_create_scan(s, digest, path, preferred)
+            stem = claim_output_name(s, run_id, scan.id, out, stem_candidates(preferred, digest, run_id),
+                                     in_use=lambda stem: outputs_present(out, stem))
+            task = ScanTask(path=path, stem=stem, content_hash=digest, out_dir=out, max_bytes=max_bytes)
             done = get_result(s, run_id, scan.id)
-            if done is not None and done.status == "ok" and done.map_path and Path(done.map_path).is_file():
+            if (done is not None and done.status == "ok" and done.map_path
+                    and Path(done.map_path) == output_path(out, stem, "anomaly") and Path(done.map_path).is_file()):
                 rows.append(_row(task, "skipped", run_id, applied, score=done.score, map_path=done.map_path,
                                  flagged=done.flagged, mask_path=done.mask_path, recon_path=done.recon_path,
                                  n_findings=len(done.findings)))
@@ -209,6 +296,9 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
                 continue
             tasks.append(task)
             rows.append({})  # placeholder, filled in input order below
+    for path, reason in problems:
+        rows.append(_row(ScanTask(path=path, stem=scan_name(path), content_hash="", out_dir=out), "failed",
+                         run_id, applied, error=f"{path}: {reason}"))
 
     slot_of = {t.content_hash: i for i, t in zip((i for i, r in enumerate(rows) if not r), tasks, strict=True)}
     for outcome in _bar(executor.map(tasks, model, settings, applied, atlas), progress, "scoring", total=len(tasks)):
@@ -229,7 +319,7 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
     with store.session() as s:
         finish_run(s, run_id, n_skipped=skipped)
     summary = BatchSummary(run_id=run_id, out_dir=out, db_url=store.url, rows=rows,
-                           seconds=time.perf_counter() - started)
+                           seconds=time.perf_counter() - started, notes=list(found.notes))
     if csv_path is not None:
         write_csv(csv_path, rows)
     return summary

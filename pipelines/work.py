@@ -6,6 +6,7 @@ input, so any executor (local threads, a Dask cluster) can run it and the driver
 
 from __future__ import annotations
 
+import errno
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ class ScanTask:
     stem: str
     content_hash: str
     out_dir: Path
+    max_bytes: int | None = None  # memory budget of the volume (None: anomaly.volume.max_volume_bytes())
 
     def output(self, kind: str) -> Path:
         return output_path(self.out_dir, self.stem, kind)
@@ -78,7 +80,7 @@ def load_and_prepare(task: ScanTask, model: SliceModel, settings: ScoringSetting
     """Read, validate and preprocess; a bad file becomes ``Loaded.error`` with its reason."""
     t0 = time.perf_counter()
     try:
-        volume = load_volume(task.path)
+        volume = load_volume(task.path, max_bytes=task.max_bytes)
         prepared = prepare_volume(volume, settings.preprocess, model.input_spec)
         return Loaded(task, volume, prepared, seconds=time.perf_counter() - t0)
     except VolumeError as exc:
@@ -120,12 +122,33 @@ def finish_scan(loaded: Loaded, model: SliceModel, settings: ScoringSettings,
         if calibration is not None:
             _apply_calibration(outcome, maps, volume, calibration, atlas)
     except Exception as exc:  # noqa: BLE001 - reported per scan, the batch goes on
-        detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
-        return ScanOutcome(task, "failed", error=f"{task.path}: scoring failed: {detail}; check the model and "
-                                                  "settings, or report it with this file", facts=facts,
+        return ScanOutcome(task, "failed", error=f"{task.path}: {failure_reason(exc, task.out_dir)}", facts=facts,
                            timing_s=loaded.seconds + time.perf_counter() - t0)
     outcome.timing_s = loaded.seconds + time.perf_counter() - t0
     return outcome
+
+
+_DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied", errno.ENAMETOOLONG: "the file name is too long"}
+
+
+def failure_reason(exc: BaseException, out_dir: Path) -> str:
+    """One line saying why scoring a scan failed and what to do: write errors name the output folder and
+    the fix (free space, permissions); anything else points at the model and settings."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        where = exc.filename or out_dir
+        what = _DISK_ERRNOS[exc.errno]
+        fix = {errno.ENOSPC: f"free space in {out_dir} (or choose another --out) and run the same command again",
+               errno.EDQUOT: f"free space in {out_dir} (or choose another --out) and run the same command again",
+               errno.EROFS: "choose a writable --out folder",
+               errno.ENAMETOOLONG: "rename the input file to a shorter name"}.get(
+                   exc.errno, f"make {out_dir} writable or choose another --out")
+        return f"cannot write the outputs: {what} ({where}); {fix}"
+    if isinstance(exc, MemoryError):
+        return "out of memory while scoring; score it alone or on a machine with more memory"
+    detail = traceback.format_exception_only(type(exc), exc)[-1].strip().replace("\n", " ")
+    return f"scoring failed: {detail}; check the model and settings, or report it with this file"
 
 
 def _apply_calibration(outcome: ScanOutcome, maps: ScanMaps, volume: Volume,

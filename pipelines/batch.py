@@ -20,22 +20,21 @@ from typing import Any
 from tqdm import tqdm
 
 from anomaly.config import ScoringSettings
-from anomaly.fileio import atomic_path
+from anomaly.fileio import atomic_path, path_problem
 from anomaly.models.base import SliceModel
 from anomaly.outputs import KINDS, output_path, outputs_present, stem_candidates
 from anomaly.store import (
     Store,
+    claim_output_name,
     finish_run,
     get_calibration,
     get_or_create_model,
     get_or_create_scan,
-    claim_output_name,
     get_result,
     open_run,
     parse_calibration_ref,
     upsert_result,
 )
-from anomaly.fileio import path_problem
 from anomaly.volume import file_sha256, is_nifti_path, scan_name
 from pipelines.executors import Executor, LocalExecutor
 from pipelines.work import AppliedCalibration, ScanOutcome, ScanTask

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import os
+import signal
 import sys
-from collections.abc import Sequence
+
+
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+    sys.stderr.write("interrupted while starting: nothing was written\n")
+    raise SystemExit(130)
+
+
+# Run as the `anomaly` command: Ctrl-C while the imports below load ends quietly, not with a traceback.
+if __name__ == "__main__" or sys.argv[0].rsplit("/", 1)[-1] == "anomaly":
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import os  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 
 VERBS = ("score", "calibrate", "evaluate", "export", "models", "sample-data", "train", "dashboard")
 
@@ -37,11 +49,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Errors the user can fix: printed as one line without a traceback."""
     from anomaly.config import ConfigError
     from anomaly.models.folder import ModelLoadError
+    from anomaly.models.safe_unpickle import CheckpointFormatError
     from anomaly.store import NotFoundError, StoreError
+    from anomaly.training.common import CheckpointError
     from pipelines.batch import BatchError
     from pipelines.commands.common import UserError
 
-    return (UserError, BatchError, ConfigError, ModelLoadError, NotFoundError, StoreError)
+    return (UserError, BatchError, ConfigError, ModelLoadError, NotFoundError, StoreError, CheckpointError,
+            CheckpointFormatError)
 
 
 DEBUG_ENV = "ANOMALY_DEBUG"
@@ -86,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args: argparse.Namespace | None = None
     try:
+        if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "verb", None):

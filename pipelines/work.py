@@ -7,6 +7,7 @@ input, so any executor (local threads, a Dask cluster) can run it and the driver
 from __future__ import annotations
 
 import errno
+import math
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from anomaly.models.base import SliceModel
 from anomaly.outputs import output_path
 from anomaly.preprocess import PreparedVolume, prepare_volume
 from anomaly.scoring import ScanMaps, score_prepared
-from anomaly.volume import Volume, VolumeError, load_volume, save_nifti
+from anomaly.volume import Volume, VolumeError, load_volume, max_volume_bytes, save_nifti
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ def load_and_prepare(task: ScanTask, model: SliceModel, settings: ScoringSetting
     t0 = time.perf_counter()
     try:
         volume = load_volume(task.path, max_bytes=task.max_bytes)
+        check_model_grid(volume, settings, model, task.max_bytes)
         prepared = prepare_volume(volume, settings.preprocess, model.input_spec)
         return Loaded(task, volume, prepared, seconds=time.perf_counter() - t0)
     except VolumeError as exc:
@@ -91,6 +93,25 @@ def load_and_prepare(task: ScanTask, model: SliceModel, settings: ScoringSetting
     except Exception as exc:  # noqa: BLE001 - one bad file must never stop the batch
         return Loaded(task, error=f"{task.path}: unexpected error while reading: {exc!r}; "
                                   "report it with this file if it persists", seconds=time.perf_counter() - t0)
+
+
+MODEL_GRID_COPIES = 4
+"""Float32 arrays of the model-grid size that preprocessing and scoring hold at once (image, mask, map, resampling)."""
+
+
+def check_model_grid(volume: Volume, settings: ScoringSettings, model: SliceModel, max_bytes: int | None) -> None:
+    """Refuse a volume whose extent on the model's voxel grid would not fit the memory budget (a header
+    with huge voxel sizes turns a small array into a vast one) before anything is resampled."""
+    budget = max_volume_bytes() if max_bytes is None else int(max_bytes)
+    spacing = np.asarray(settings.preprocess.spacing or model.input_spec.spacing, dtype=np.float64)
+    extent = np.asarray(volume.shape, dtype=np.float64) * np.asarray(volume.spacing, dtype=np.float64)
+    grid = tuple(int(n) for n in np.ceil(extent / spacing))
+    needed = math.prod(grid) * 4 * MODEL_GRID_COPIES
+    if needed > budget:
+        raise VolumeError(volume.path, f"the volume spans {tuple(round(float(e)) for e in extent)} mm, "
+                          f"{grid} voxels on the model's {tuple(float(v) for v in spacing)} mm grid: about "
+                          f"{needed >> 20} MB to score, more than the budget of {budget >> 20} MB",
+                          "check the voxel sizes in the header; if they are right, raise --max-volume-mb")
 
 
 def finish_scan(loaded: Loaded, model: SliceModel, settings: ScoringSettings,

@@ -14,7 +14,6 @@ import os
 import struct
 import time
 import tracemalloc
-from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -162,7 +161,6 @@ def test_mutated_nifti_files_get_a_map_on_their_grid_or_a_one_line_reason(tmp_pa
     with open(table, newline="") as handle:
         rows = {Path(r["path"]).name: r for r in csv.DictReader(handle)}
     assert set(rows) == set(described) | set(good)
-    check: dict[str, Callable[[], None]] = {}
     counts = {"ok": 0, "failed": 0, "skipped": 0}
     for name, row in rows.items():
         what = described.get(name, "good scan")

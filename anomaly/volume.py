@@ -200,8 +200,8 @@ def _read_nifti(path: Path, max_bytes: int | None = None) -> tuple[np.ndarray, n
     if problem is not None and "folder" in problem:
         raise VolumeError(path, "is a folder, not a NIfTI file", _HINT_NIFTI)
     if problem is not None:
-        raise VolumeError(path, problem, "give the path of a regular .nii/.nii.gz file (a FIFO, device or "
-                          "broken link cannot be scored)")
+        raise VolumeError(path, problem, "give the path of a regular .nii/.nii.gz file: a FIFO, device or "
+                          "broken link cannot be scored")
     budget = max_volume_bytes() if max_bytes is None else int(max_bytes)
     notes: list[str] = []
     try:

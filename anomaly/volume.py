@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.volumeutils import array_from_file
 
-from anomaly.fileio import atomic_path
+from anomaly.fileio import NotRegularFileError, atomic_path, open_regular, path_problem
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -30,6 +31,15 @@ MAX_AXIS = 2048
 AFFINE_ATOL = 1e-3
 
 _GZIP_MAGIC = b"\x1f\x8b"
+
+MAX_VOLUME_MB_ENV = "ANOMALY_MAX_VOLUME_MB"
+"""Environment variable holding the memory budget of one volume in MB (default ``DEFAULT_MAX_VOLUME_MB``)."""
+DEFAULT_MAX_VOLUME_MB = 1024
+"""Default budget: the voxels of one volume as float32 (268 M voxels, e.g. 640^3) and as stored."""
+DEFLATE_MAX_RATIO = 1032
+"""The most a deflate stream can expand (1032:1): a .nii.gz cannot hold more than this times its size."""
+TRAILING_LIMIT = 16 << 20
+"""Bytes a gzip stream may hold after the voxel data before the file is refused (read in bounded time)."""
 
 
 _HINT_COPY_AGAIN = "the copy or download did not finish or the file is damaged: copy it again from the source"
@@ -95,23 +105,41 @@ def is_nifti_path(path: str | os.PathLike[str]) -> bool:
     return Path(path).name.lower().endswith(NIFTI_SUFFIXES)
 
 
+def max_volume_bytes(value_mb: float | None = None) -> int:
+    """The memory budget of one volume in bytes: ``value_mb``, else ``$ANOMALY_MAX_VOLUME_MB``, else 1024 MB."""
+    if value_mb is None:
+        raw = os.environ.get(MAX_VOLUME_MB_ENV, "").strip()
+        try:
+            value_mb = float(raw) if raw else float(DEFAULT_MAX_VOLUME_MB)
+        except ValueError:
+            raise VolumeError(None, f"{MAX_VOLUME_MB_ENV}={raw!r} is not a number of MB",
+                              f"set it to e.g. {DEFAULT_MAX_VOLUME_MB}, or unset it") from None
+    if not (math.isfinite(value_mb) and value_mb > 0):
+        raise VolumeError(None, f"memory budget {value_mb!r} MB must be a positive number", "give e.g. 1024")
+    return int(value_mb * (1 << 20))
+
+
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Content hash of a file, the scan's identity in the store (a renamed copy is the same scan)."""
+    """Content hash of a file, the scan's identity in the store (a renamed copy is the same scan).
+
+    A FIFO, device or socket raises :class:`~anomaly.fileio.NotRegularFileError` without blocking."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
 
 
-def load_volume(path: str | os.PathLike[str]) -> Volume:
+def load_volume(path: str | os.PathLike[str], max_bytes: int | None = None) -> Volume:
     """Read and validate a 3D NIfTI volume; raise :class:`VolumeError` naming the file and reason.
 
     Accepts ``.nii``/``.nii.gz``, any orientation, voxel size and data type; applies the scale
     slope/intercept and returns float32 values; squeezes a 4D/5D file that holds a single volume.
+    A header that declares more voxel data than the file can hold, or than ``max_bytes`` (default
+    :func:`max_volume_bytes`), is refused before anything is allocated.
     """
     path = Path(path)
-    data, affine, dtype, notes = _read_nifti(path)
+    data, affine, dtype, notes = _read_nifti(path, max_bytes)
     if float(data.min()) == float(data.max()):
         value = float(data.flat[0])
         reason = (f"all {data.size} voxels are zero" if value == 0
@@ -121,14 +149,14 @@ def load_volume(path: str | os.PathLike[str]) -> Volume:
     return Volume(data=data, affine=affine, path=path, source_dtype=dtype, warnings=tuple(notes))
 
 
-def load_mask(path: str | os.PathLike[str], like: Volume | None = None) -> np.ndarray:
+def load_mask(path: str | os.PathLike[str], like: Volume | None = None, max_bytes: int | None = None) -> np.ndarray:
     """Read a label or mask NIfTI as a boolean array (any label > 0 is True).
 
     With ``like``, the mask must lie on the same grid as that scan: same shape and the same affine
     within 1e-3; an empty mask (no label at all) is allowed.
     """
     path = Path(path)
-    data, affine, _, _ = _read_nifti(path)
+    data, affine, _, _ = _read_nifti(path, max_bytes)
     mask = data > 0
     del data
     if like is not None:
@@ -164,42 +192,56 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike[st
 # reading
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
+def _read_nifti(path: Path, max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
     """Check the file, parse and validate the header, then read the voxels once (as float32)."""
-    if not path.exists():
+    problem = path_problem(path)
+    if problem == "file not found":
         raise VolumeError(path, "file not found", "check the path and the working folder")
-    if path.is_dir():
+    if problem is not None and "folder" in problem:
         raise VolumeError(path, "is a folder, not a NIfTI file", _HINT_NIFTI)
-    size = path.stat().st_size
-    if size == 0:
-        raise VolumeError(path, "file is empty (0 bytes)", _HINT_COPY_AGAIN)
+    if problem is not None:
+        raise VolumeError(path, problem, "give the path of a regular .nii/.nii.gz file: a FIFO, device or "
+                          "broken link cannot be scored")
+    budget = max_volume_bytes() if max_bytes is None else int(max_bytes)
     notes: list[str] = []
-    with open(path, "rb") as raw_handle:
-        compressed = raw_handle.read(2) == _GZIP_MAGIC
-    named_gz = path.name.lower().endswith(".gz")
-    if compressed and not named_gz:
-        notes.append("file is gzip-compressed but its name does not end in .gz; read it as .nii.gz")
-    elif named_gz and not compressed:
-        notes.append("file is named .gz but is not gzip-compressed; read it as an uncompressed .nii")
     try:
-        with _open(path, compressed) as handle:
-            header = _read_header(path, handle)
-            checked = _check_header(path, header, size, compressed)
-            notes.extend(checked.notes)
-            raw = _read_voxels(path, header, handle, checked.shape_on_disk, compressed)
-            data = _scale(path, raw, checked.slope, checked.inter)
-            del raw
-            if compressed:
-                _drain(handle)
+        with open_regular(path) as raw_handle:
+            size = os.fstat(raw_handle.fileno()).st_size
+            if size == 0:
+                raise VolumeError(path, "file is empty (0 bytes)", _HINT_COPY_AGAIN)
+            compressed = raw_handle.read(2) == _GZIP_MAGIC
+            raw_handle.seek(0)
+            named_gz = path.name.lower().endswith(".gz")
+            if compressed and not named_gz:
+                notes.append("file is gzip-compressed but its name does not end in .gz; read it as .nii.gz")
+            elif named_gz and not compressed:
+                notes.append("file is named .gz but is not gzip-compressed; read it as an uncompressed .nii")
+            handle: BinaryIO = gzip.GzipFile(fileobj=raw_handle, mode="rb") if compressed else raw_handle  # type: ignore[assignment]
+            with handle:
+                header = _read_header(path, handle)
+                checked = _check_header(path, header, size, compressed, budget)
+                notes.extend(checked.notes)
+                raw = _read_voxels(path, header, handle, checked.shape_on_disk, compressed)
+                data = _scale(path, raw, checked.slope, checked.inter)
+                del raw
+                if compressed:
+                    _drain(path, handle)
     except VolumeError:
         raise
+    except NotRegularFileError as exc:
+        raise VolumeError(path, exc.strerror or "not a regular file", "give the path of a regular .nii/.nii.gz "
+                          "file") from exc
     except EOFError as exc:
         raise VolumeError(path, "the gzip stream ends early: the .nii.gz file is truncated", _HINT_COPY_AGAIN
                           + " (`gzip -t FILE` checks a .gz file)") from exc
     except (zlib.error, gzip.BadGzipFile) as exc:
         raise VolumeError(path, f"corrupt gzip data ({exc})", _HINT_COPY_AGAIN
                           + " (`gzip -t FILE` checks a .gz file)") from exc
-    except (OSError, ValueError, MemoryError) as exc:
+    except MemoryError as exc:
+        raise VolumeError(path, "out of memory while reading the voxel data",
+                          f"score it on a machine with more memory; the budget is set by {MAX_VOLUME_MB_ENV} "
+                          "or --max-volume-mb") from exc
+    except (OSError, ValueError, OverflowError) as exc:
         raise VolumeError(path, f"cannot read the voxel data ({type(exc).__name__}: {exc})",
                           _HINT_COPY_AGAIN) from exc
     data = data.reshape(checked.shape)
@@ -210,14 +252,17 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
     return data, checked.affine, checked.dtype, notes
 
 
-def _open(path: Path, compressed: bool) -> BinaryIO:
-    return gzip.open(path, "rb") if compressed else open(path, "rb")  # type: ignore[return-value]
-
-
-def _drain(handle: BinaryIO) -> None:
-    """Read to the end of a gzip stream so that its CRC and length are verified."""
-    while handle.read(1 << 20):
-        pass
+def _drain(path: Path, handle: BinaryIO) -> None:
+    """Read to the end of a gzip stream so that its CRC and length are verified; a stream that goes on
+    for more than ``TRAILING_LIMIT`` bytes after the voxels is refused rather than read to its end."""
+    extra = 0
+    while block := handle.read(1 << 20):
+        extra += len(block)
+        if extra > TRAILING_LIMIT:
+            raise VolumeError(path, f"the gzip stream holds more than {TRAILING_LIMIT >> 20} MB after the voxel "
+                              "data the header describes: the header and the data disagree",
+                              "the header dimensions or data type are wrong, or the file is not one scan: "
+                              "re-export the scan")
 
 
 def _read_header(path: Path, handle: BinaryIO) -> nib.Nifti1Header:
@@ -297,7 +342,8 @@ class _Checked:
     notes: list[str]
 
 
-def _check_header(path: Path, header: nib.Nifti1Header, size: int, compressed: bool) -> _Checked:
+def _check_header(path: Path, header: nib.Nifti1Header, size: int, compressed: bool,
+                  budget: int | None = None) -> _Checked:
     """Validate dimensions, data type, scaling, voxel sizes and affine before reading any voxel."""
     notes: list[str] = []
     dims = np.asarray(header["dim"], dtype=np.int64)
@@ -372,13 +418,45 @@ def _check_header(path: Path, header: nib.Nifti1Header, size: int, compressed: b
     if not np.allclose(spacing, pixdim, rtol=0.01, atol=1e-3):
         notes.append(f"header pixdim {tuple(round(float(p), 4) for p in pixdim)} differs from the affine voxel "
                      f"size {tuple(round(float(s), 4) for s in spacing)}; the affine is used")
-    offset = int(header.get_data_offset())
-    nbytes = int(np.prod(shape)) * dtype.itemsize
+    offset = _data_offset(path, header)
+    n_voxels = math.prod(shape)
+    nbytes = n_voxels * dtype.itemsize
     if not compressed and size < offset + nbytes:
         raise VolumeError(path, f"file is truncated: the header describes {nbytes} bytes of voxel data from "
                           f"byte {offset}, but the file has {max(size - offset, 0)}", _HINT_COPY_AGAIN)
+    capacity = size * DEFLATE_MAX_RATIO + 4096
+    if compressed and offset + nbytes > capacity:
+        raise VolumeError(path, f"the header declares {_mb(nbytes)} of voxel data (shape {shape}, {dtype}), more "
+                          f"than a {size}-byte .nii.gz can hold (at most {_mb(capacity)} uncompressed): the file "
+                          "is truncated or its header is damaged", _HINT_COPY_AGAIN)
+    in_memory = max(nbytes, n_voxels * 4)
+    if budget is not None and in_memory > budget:
+        raise VolumeError(path, f"the volume needs {_mb(in_memory)} in memory (shape {shape}, {dtype}), more than "
+                          f"the budget of {_mb(budget)}",
+                          f"if the header is right, raise the budget (--max-volume-mb or {MAX_VOLUME_MB_ENV}) "
+                          "on a machine with the memory, or downsample the scan; otherwise re-export it")
     return _Checked(shape_on_disk=shape, shape=spatial, squeezed=len(shape) > 3, affine=affine,
                     dtype=str(dtype.newbyteorder("=")), slope=slope, inter=inter, notes=notes)
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):,.1f} MB" if nbytes < (1 << 30) else f"{nbytes / (1 << 30):,.1f} GB"
+
+
+def _data_offset(path: Path, header: nib.Nifti1Header) -> int:
+    """Where the voxels start; a ``vox_offset`` inside the header or not a whole number is refused."""
+    value = float(header["vox_offset"])
+    minimum = int(header.single_vox_offset)
+    if not math.isfinite(value) or value != int(value) or value < 0:
+        raise VolumeError(path, f"damaged NIfTI header: vox_offset {value!r} is not a byte position",
+                          _HINT_COPY_AGAIN)
+    offset = int(value)
+    if offset == 0:  # some writers leave it unset: the data follow the header
+        return minimum
+    if offset < minimum:
+        raise VolumeError(path, f"damaged NIfTI header: vox_offset {offset} lies inside the {minimum}-byte header",
+                          _HINT_COPY_AGAIN)
+    return offset
 
 
 def _affine_problem(affine: np.ndarray) -> str | None:
@@ -407,6 +485,8 @@ def _choose_affine(path: Path, header: nib.Nifti1Header) -> tuple[np.ndarray, li
         if problem is None:
             if problems:
                 notes.append(f"{'; '.join(problems)}: using the {name} instead")
+            elif name == "sform":
+                notes.extend(_qform_disagreement(header, affine))
             return affine, notes
         problems.append(f"the {name} is unusable ({problem})")
     if problems:
@@ -419,14 +499,36 @@ def _choose_affine(path: Path, header: nib.Nifti1Header) -> tuple[np.ndarray, li
     return np.asarray(header.get_base_affine(), dtype=np.float64), notes
 
 
+def _qform_disagreement(header: nib.Nifti1Header, sform: np.ndarray) -> list[str]:
+    """A warning when a usable qform points an axis the other way than the sform (e.g. left-right)."""
+    if int(header["qform_code"]) <= 0:
+        return []
+    try:
+        qform = np.asarray(header.get_qform(), dtype=np.float64)
+    except Exception:  # noqa: BLE001 - an unusable qform is simply not compared
+        return []
+    if _affine_problem(qform) is not None:
+        return []
+    s_codes, q_codes = nib.aff2axcodes(sform), nib.aff2axcodes(qform)
+    if s_codes == q_codes:
+        return []
+    flipped = {frozenset(pair): name for pair, name in ((("L", "R"), "left-right"), (("A", "P"), "front-back"),
+                                                         (("S", "I"), "up-down"))}
+    what = sorted({flipped[frozenset((a, b))] for a, b in zip(s_codes, q_codes, strict=True)
+                   if frozenset((a, b)) in flipped})
+    detail = f"disagree on {' and '.join(what)}" if what else "disagree on the axis order"
+    return [f"the sform ({''.join(s_codes)}) and the qform ({''.join(q_codes)}) {detail}; the sform is used: "
+            "check which one is right before trusting left and right (e.g. `fslorient -getsform/-getqform`)"]
+
+
 def _read_voxels(path: Path, header: nib.Nifti1Header, handle: BinaryIO, shape: tuple[int, ...],
                  compressed: bool) -> np.ndarray:
     """The stored voxel array (memory-mapped for .nii, read once from the stream for .nii.gz)."""
     dtype = header.get_data_dtype()
-    offset = int(header.get_data_offset())
+    offset = _data_offset(path, header)
     if not compressed:
         return array_from_file(shape, dtype, handle, offset, order="F", mmap="r")
-    nbytes = int(np.prod(shape)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     handle.seek(offset)
     buffer = bytearray(nbytes)
     got = handle.readinto(buffer)  # type: ignore[attr-defined]

@@ -17,6 +17,7 @@ import streamlit as st  # noqa: E402
 from anomaly.store import Result, RunSummary, Store, list_runs, review_progress  # noqa: E402
 from dashboard import state  # noqa: E402
 from dashboard.db import database_url, get_store  # noqa: E402
+from dashboard.text import plain  # noqa: E402
 from dashboard.views import calibration, export, runs, viewer, worklist  # noqa: E402
 
 VIEWS = {
@@ -84,7 +85,7 @@ def sidebar(store: Store, run_list: list[RunSummary]) -> None:
             with store.session() as s:
                 done, total = review_progress(s, ss[state.RUN])
             st.progress(done / total if total else 0.0, text=f"Reviewed {done} of {total} scored scans")
-        st.caption(f"Database: `{store.url}`")
+        st.caption(f"Database: {plain(store.url)}")
 
 
 def main() -> None:

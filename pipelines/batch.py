@@ -8,6 +8,7 @@ so an interruption loses at most the scan in hand. One bad file never stops the 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import sys
 import time
@@ -20,12 +21,13 @@ from typing import Any
 from tqdm import tqdm
 
 from anomaly.config import ScoringSettings
-from anomaly.fileio import atomic_path
+from anomaly.fileio import atomic_path, path_problem
 from anomaly.io.dicom import DicomSeries, find_series, is_zip_archive, looks_like_dicom
 from anomaly.models.base import SliceModel
-from anomaly.outputs import KINDS
+from anomaly.outputs import KINDS, output_path, outputs_present, stem_candidates
 from anomaly.store import (
     Store,
+    claim_output_name,
     finish_run,
     get_calibration,
     get_or_create_model,
@@ -48,21 +50,89 @@ class BatchError(RuntimeError):
     """A problem with the batch as a whole (no inputs, unknown calibration); the message says the fix."""
 
 
-def discover_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Files as given, and ``.nii``/``.nii.gz`` files found recursively in folders, in a stable order."""
-    found: list[Path] = []
+@dataclass
+class Discovery:
+    """What the inputs hold: scan files to score, entries that look like scans but cannot be read
+    (``problems``, each a failed row) and other skipped entries (``notes``), each with its reason."""
+
+    paths: list[Path] = field(default_factory=list)
+    problems: list[tuple[Path, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+_PAIR_SUFFIXES = (".hdr", ".hdr.gz")
+_HINT_UNREADABLE = "give a regular .nii/.nii.gz file"
+_HINT_PAIR = ("convert the pair to one .nii.gz file, e.g. nib.save(nib.load('scan.hdr'), 'scan.nii.gz'), "
+              "and score that")
+
+
+def find_inputs(inputs: Sequence[str | os.PathLike[str]]) -> Discovery:
+    """Files as given, and ``.nii``/``.nii.gz`` files found recursively in folders, in a stable order.
+
+    Nothing is opened: FIFOs, devices, sockets, dangling or looping links and folders named like scans
+    are reported with their reason, never read. A missing input raises :class:`BatchError`."""
+    found = Discovery()
+    seen_dirs: set[tuple[int, int]] = set()
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and is_nifti_path(p)))
-        elif path.exists():
-            found.append(path)
+            _walk(path, found, seen_dirs)
+            continue
+        problem = path_problem(path)
+        if problem is None:
+            found.paths.append(path)
+        elif os.path.lexists(path) and problem != "file not found":
+            found.problems.append((path, f"{problem}; {_HINT_UNREADABLE}"))
         else:
             raise BatchError(f"{path}: no such file or folder; check the input path")
     unique: dict[Path, None] = {}
-    for p in found:
+    for p in found.paths:
         unique.setdefault(p.resolve(), None)
-    return list(unique)
+    found.paths = list(unique)
+    return found
+
+
+def _walk(folder: Path, found: Discovery, seen_dirs: set[tuple[int, int]]) -> None:
+    """Search ``folder`` (following links to folders once each) and sort every entry into ``found``."""
+    try:
+        info = folder.stat()
+        if (info.st_dev, info.st_ino) in seen_dirs:
+            found.notes.append(f"{folder}: folder already searched (a symbolic link loops back to it); skipped")
+            return
+        seen_dirs.add((info.st_dev, info.st_ino))
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        found.notes.append(f"{folder}: cannot list the folder ({exc.strerror or exc}); skipped")
+        return
+    pairs: set[str] = set()
+    for entry in entries:
+        path = Path(entry.path)
+        name = entry.name.lower()
+        problem = path_problem(path)
+        named_scan = is_nifti_path(path)
+        if problem is not None and "folder" in problem:
+            if named_scan:
+                found.notes.append(f"{path}: a folder named like a NIfTI file; searched as a folder")
+            _walk(path, found, seen_dirs)
+        elif problem is None and named_scan:
+            found.paths.append(path)
+        elif problem is None and name.endswith(_PAIR_SUFFIXES):
+            stem = path.name[: -len(next(x for x in _PAIR_SUFFIXES if name.endswith(x)))]
+            if stem not in pairs:
+                pairs.add(stem)
+                found.problems.append((path, f"half of an Analyze/NIfTI .hdr/.img pair, not a single-file NIfTI; "
+                                             f"{_HINT_PAIR}"))
+        elif problem is not None and (named_scan or entry.is_symlink()):
+            reason = f"{problem}; {_HINT_UNREADABLE}"
+            if named_scan:
+                found.problems.append((path, reason))
+            else:
+                found.notes.append(f"{path}: {problem}; skipped")
+
+
+def discover_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The scan files among ``inputs`` (see :func:`find_inputs`; unreadable entries left out)."""
+    return find_inputs(inputs).paths
 
 
 def unique_stems(paths: Sequence[Path]) -> list[str]:
@@ -98,22 +168,26 @@ class InputItem:
 
 
 def collect_inputs(inputs: Sequence[str | os.PathLike[str]], patient_salt: bytes | None = None
-                   ) -> tuple[list[InputItem], list[str]]:
-    """NIfTI files (as ``discover_inputs``) and the DICOM series in the same folders, zip archives and
-    DICOM files; with notes on what was skipped. Contrast of a series comes from the series itself."""
-    direct_dicom = [Path(p).expanduser() for p in inputs if Path(p).expanduser().is_file()
+                   ) -> tuple[list[InputItem], list[str], list[tuple[Path, str]]]:
+    """NIfTI files (as :func:`find_inputs`) and the DICOM series in the same folders, zip archives and
+    DICOM files; with notes on what was skipped and the entries that cannot be read (with their reason).
+    Contrast of a series comes from the series itself."""
+    direct_dicom = [Path(p).expanduser() for p in inputs if path_problem(Path(p).expanduser()) is None
+                    and Path(p).expanduser().is_file()
                     and (is_zip_archive(p) or (not is_nifti_path(p) and looks_like_dicom(p)))]
     nifti_inputs = [p for p in inputs if Path(p).expanduser() not in direct_dicom]
-    paths = discover_inputs(nifti_inputs) if nifti_inputs else []
+    found = find_inputs(nifti_inputs) if nifti_inputs else Discovery()
+    paths = found.paths
     folders = [Path(p).expanduser() for p in nifti_inputs if Path(p).expanduser().is_dir()]
     series, notes = find_series([*folders, *direct_dicom], patient_salt) if folders or direct_dicom else ([], [])
+    notes = [*found.notes, *notes]
     stems = unique_stems(paths)
     items = [InputItem(path=p, stem=stem) for p, stem in zip(paths, stems, strict=True)]
     for one in series:
         contrast, why = one.contrast
         items.append(InputItem(path=Path(one.container), series=one, stem=one.label, contrast=contrast,
                                contrast_note=f"series: {why}"))
-    return items, notes
+    return items, notes, list(found.problems)
 
 
 def _distinct(stems: Sequence[str]) -> list[str]:
@@ -213,11 +287,14 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
                 progress: bool = True, atlas: Any = None,
                 on_outcome: Callable[[ScanOutcome], None] | None = None,
                 force_calibration: bool = False, patient_salt: bytes | None = None,
-                items: Sequence[InputItem] | None = None) -> BatchSummary:
+                items: Sequence[InputItem] | None = None, max_bytes: int | None = None) -> BatchSummary:
     """Score every input into ``out_dir`` and ``store``; returns the per-file rows written to the CSV.
 
     Inputs are NIfTI files, folders (NIfTI files and DICOM series found in them) and zip archives of
-    DICOM files; ``items`` replaces that search (a BIDS reader gives its images with their names)."""
+    DICOM files; ``items`` replaces that search (a BIDS reader gives its images with their names).
+    Each scan's output stem is claimed in the store before scoring (see :mod:`anomaly.outputs`), so
+    no map is ever overwritten by another scan or run. ``max_bytes`` is the memory budget of one volume
+    (default: :func:`anomaly.volume.max_volume_bytes`)."""
     started = time.perf_counter()
     settings = settings or ScoringSettings()
     executor = executor or LocalExecutor()
@@ -225,9 +302,10 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     notes: list[str] = []
+    problems: list[tuple[Path, str]] = []
     if items is None:
-        items, notes = collect_inputs(inputs, patient_salt)
-    if not items:
+        items, notes, problems = collect_inputs(inputs, patient_salt)
+    if not items and not problems:
         raise BatchError(f"no .nii, .nii.gz or DICOM image files found in {', '.join(map(str, inputs))}; "
                          "give NIfTI files, DICOM folders or zip archives of DICOM files, or folders that "
                          "contain them")
@@ -240,17 +318,25 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
         run = open_run(s, model_id, settings.to_dict(), settings.hash(), out, calibration_id, executor.name)
         run_id = run.id
 
-    hashes = [item.content_hash() for item in _bar(items, progress, "hashing", leave=False)]
+    hashed: list[InputItem] = []
+    hashes: list[str] = []
+    for item in _bar(items, progress, "hashing", leave=False):
+        try:
+            hashes.append(item.content_hash())
+            hashed.append(item)
+        except OSError as exc:  # vanished, unreadable or replaced by a special file since it was found
+            problems.append((item.path, f"cannot read the file ({exc.strerror or exc}); check it exists and is readable"))
+    items = hashed
     stems = _distinct([item.stem or scan_name(item.path) for item in items])
     tasks: list[ScanTask] = []
     rows: list[dict[str, Any]] = []
     first_of: dict[str, str] = {}
     skipped = 0
     with store.session() as s:
-        for item, stem, digest in zip(items, stems, hashes, strict=True):
-            task = ScanTask(path=item.path, stem=stem, content_hash=digest, out_dir=out, series=item.series,
+        for item, preferred, digest in zip(items, stems, hashes, strict=True):
+            task = ScanTask(path=item.path, stem=preferred, content_hash=digest, out_dir=out, series=item.series,
                             contrast=item.contrast, contrast_note=item.contrast_note, names=item.names,
-                            source=item.source)
+                            source=item.source, max_bytes=max_bytes)
             where = item.series.where if item.series is not None else str(item.path)
             if digest in first_of:
                 rows.append(_row(task, "skipped", run_id, applied,
@@ -258,10 +344,14 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
                 skipped += 1
                 continue
             first_of[digest] = where
-            scan = get_or_create_scan(s, digest, item.path, stem)
+            scan = get_or_create_scan(s, digest, item.path, preferred)
             set_scan_source(s, scan, task.source_facts)
+            stem = claim_output_name(s, run_id, scan.id, out, stem_candidates(preferred, digest, run_id),
+                                     in_use=lambda stem: outputs_present(out, stem))
+            task = dataclasses.replace(task, stem=stem)
             done = get_result(s, run_id, scan.id)
-            if done is not None and done.status == "ok" and done.map_path and Path(done.map_path).is_file():
+            if (done is not None and done.status == "ok" and done.map_path
+                    and Path(done.map_path) == output_path(out, stem, "anomaly") and Path(done.map_path).is_file()):
                 rows.append(_row(task, "skipped", run_id, applied, score=done.score, map_path=done.map_path,
                                  flagged=done.flagged, mask_path=done.mask_path, recon_path=done.recon_path,
                                  n_findings=len(done.findings)))
@@ -269,6 +359,9 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
                 continue
             tasks.append(task)
             rows.append({})  # placeholder, filled in input order below
+    for path, reason in problems:
+        rows.append(_row(ScanTask(path=path, stem=scan_name(path), content_hash="", out_dir=out), "failed",
+                         run_id, applied, error=f"{path}: {reason}"))
 
     slot_of = {t.content_hash: i for i, t in zip((i for i, r in enumerate(rows) if not r), tasks, strict=True)}
     for outcome in _bar(executor.map(tasks, model, settings, applied, atlas), progress, "scoring", total=len(tasks)):

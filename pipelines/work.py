@@ -6,6 +6,8 @@ input, so any executor (local threads, a Dask cluster) can run it and the driver
 
 from __future__ import annotations
 
+import errno
+import math
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from anomaly.models.base import SliceModel
 from anomaly.outputs import output_path
 from anomaly.preprocess import PreparedVolume, prepare_volume
 from anomaly.scoring import ScanMaps, score_prepared
-from anomaly.volume import Volume, VolumeError, load_volume, save_nifti
+from anomaly.volume import Volume, VolumeError, load_volume, max_volume_bytes, save_nifti
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class ScanTask:
     contrast_note: str | None = None
     names: tuple[tuple[str, str], ...] = ()
     source: tuple[tuple[str, Any], ...] = ()
+    max_bytes: int | None = None  # memory budget of the volume (None: anomaly.volume.max_volume_bytes())
 
     def output(self, kind: str) -> Path:
         for name_kind, relative in self.names:
@@ -96,7 +99,8 @@ def load_and_prepare(task: ScanTask, model: SliceModel, settings: ScoringSetting
     """Read, validate and preprocess; a bad file becomes ``Loaded.error`` with its reason."""
     t0 = time.perf_counter()
     try:
-        volume = load_series(task.series) if task.series is not None else load_volume(task.path)
+        volume = load_series(task.series) if task.series is not None else load_volume(task.path, max_bytes=task.max_bytes)
+        check_model_grid(volume, settings, model, task.max_bytes)
         prepared = prepare_volume(volume, settings.preprocess, model.input_spec)
         if settings.preprocess.contrast == "auto" and (task.series is not None or task.contrast is not None):
             prepared.contrast = task.contrast
@@ -109,6 +113,25 @@ def load_and_prepare(task: ScanTask, model: SliceModel, settings: ScoringSetting
     except Exception as exc:  # noqa: BLE001 - one bad file must never stop the batch
         return Loaded(task, error=f"{task.path}: unexpected error while reading: {exc!r}; "
                                   "report it with this file if it persists", seconds=time.perf_counter() - t0)
+
+
+MODEL_GRID_COPIES = 4
+"""Float32 arrays of the model-grid size that preprocessing and scoring hold at once (image, mask, map, resampling)."""
+
+
+def check_model_grid(volume: Volume, settings: ScoringSettings, model: SliceModel, max_bytes: int | None) -> None:
+    """Refuse a volume whose extent on the model's voxel grid would not fit the memory budget (a header
+    with huge voxel sizes turns a small array into a vast one) before anything is resampled."""
+    budget = max_volume_bytes() if max_bytes is None else int(max_bytes)
+    spacing = np.asarray(settings.preprocess.spacing or model.input_spec.spacing, dtype=np.float64)
+    extent = np.asarray(volume.shape, dtype=np.float64) * np.asarray(volume.spacing, dtype=np.float64)
+    grid = tuple(int(n) for n in np.ceil(extent / spacing))
+    needed = math.prod(grid) * 4 * MODEL_GRID_COPIES
+    if needed > budget:
+        raise VolumeError(volume.path, f"the volume spans {tuple(round(float(e)) for e in extent)} mm, "
+                          f"{grid} voxels on the model's {tuple(float(v) for v in spacing)} mm grid: about "
+                          f"{needed >> 20} MB to score, more than the budget of {budget >> 20} MB",
+                          "check the voxel sizes in the header; if they are right, raise --max-volume-mb")
 
 
 def finish_scan(loaded: Loaded, model: SliceModel, settings: ScoringSettings,
@@ -144,12 +167,33 @@ def finish_scan(loaded: Loaded, model: SliceModel, settings: ScoringSettings,
         if calibration is not None:
             _apply_calibration(outcome, maps, volume, calibration, atlas)
     except Exception as exc:  # noqa: BLE001 - reported per scan, the batch goes on
-        detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
-        return ScanOutcome(task, "failed", error=f"{task.path}: scoring failed: {detail}; check the model and "
-                                                  "settings, or report it with this file", facts=facts,
+        return ScanOutcome(task, "failed", error=f"{task.path}: {failure_reason(exc, task.out_dir)}", facts=facts,
                            timing_s=loaded.seconds + time.perf_counter() - t0)
     outcome.timing_s = loaded.seconds + time.perf_counter() - t0
     return outcome
+
+
+_DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied", errno.ENAMETOOLONG: "the file name is too long"}
+
+
+def failure_reason(exc: BaseException, out_dir: Path) -> str:
+    """One line saying why scoring a scan failed and what to do: write errors name the output folder and
+    the fix (free space, permissions); anything else points at the model and settings."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        where = exc.filename or out_dir
+        what = _DISK_ERRNOS[exc.errno]
+        fix = {errno.ENOSPC: f"free space in {out_dir} (or choose another --out) and run the same command again",
+               errno.EDQUOT: f"free space in {out_dir} (or choose another --out) and run the same command again",
+               errno.EROFS: "choose a writable --out folder",
+               errno.ENAMETOOLONG: "rename the input file to a shorter name"}.get(
+                   exc.errno, f"make {out_dir} writable or choose another --out")
+        return f"cannot write the outputs: {what} ({where}); {fix}"
+    if isinstance(exc, MemoryError):
+        return "out of memory while scoring; score it alone or on a machine with more memory"
+    detail = traceback.format_exception_only(type(exc), exc)[-1].strip().replace("\n", " ")
+    return f"scoring failed: {detail}; check the model and settings, or report it with this file"
 
 
 def _apply_calibration(outcome: ScanOutcome, maps: ScanMaps, volume: Volume,

@@ -4,6 +4,7 @@
 #   export ANOMALY_TEST_PG_URL="$(scripts/start_test_postgres.sh)"
 #   pytest tests/test_store_postgres.py
 #   scripts/start_test_postgres.sh stop      # or: stop DIR
+#   scripts/start_test_postgres.sh restart   # or: restart DIR (the fault tests restart it mid-batch)
 #
 # Data lives in a fresh temp folder (or $PGTEST_DIR); the server listens on 127.0.0.1 only, on a
 # free port (or $PGTEST_PORT), with trust authentication. PostgreSQL refuses to run as root, so as
@@ -47,6 +48,16 @@ if [[ "${1:-}" == "stop" ]]; then
     as_server_user "$bindir/pg_ctl" -D "$dir/data" -m fast -w stop >&2
     rm -rf "$dir"
     if [[ "$(cat "$state_file" 2>/dev/null || true)" == "$dir" ]]; then rm -f "$state_file"; fi
+    exit 0
+fi
+
+if [[ "${1:-}" == "restart" ]]; then
+    dir="${2:-${PGTEST_DIR:-$(cat "$state_file" 2>/dev/null || true)}}"
+    if [[ -z "$dir" || ! -d "$dir/data" ]]; then
+        echo "start_test_postgres.sh: no test server folder to restart (give it: restart DIR)" >&2
+        exit 1
+    fi
+    as_server_user "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -m fast -w -t 60 restart >&2
     exit 0
 fi
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 
-from anomaly.models.safe_unpickle import extract_state_dict, safe_load
+from anomaly.models.safe_unpickle import CheckpointFormatError, extract_state_dict, safe_load
 
 __all__ = [
     "DROPPED_PREFIXES",
@@ -443,7 +443,11 @@ def import_ldm_checkpoint(
     source, out_dir = Path(path), Path(out_dir)
     _prepare_out_dir(out_dir, overwrite)
     digest = sha256_file(source) if source.is_file() else ""
-    state = extract_state_dict(safe_load(source))
+    try:
+        state = extract_state_dict(safe_load(source))
+    except CheckpointFormatError as exc:
+        message = str(exc)
+        raise CheckpointFormatError(message if message.startswith(str(source)) else f"{source}: {message}") from None
     try:
         vae, dropped = split_vae_weights(state, prefix)
         num_levels = _num_levels(vae)

@@ -306,11 +306,23 @@ def _bytes_to_tensor(raw: bytes | bytearray, dtype: torch.dtype, little_endian: 
 # File formats.
 
 
+def _check_record(path: Path, info: zipfile.ZipInfo, archive_size: int) -> None:
+    """A record must be stored uncompressed (as `torch.save` writes it) with sizes the file can hold, so
+    nothing is allocated for sizes the archive merely declares."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointFormatError(f"{path}: record {info.filename!r} is compressed; torch.save stores records "
+                                    "uncompressed, so this is not a torch.save checkpoint (re-save it with torch.save)")
+    if info.file_size != info.compress_size or info.file_size > archive_size:
+        raise CheckpointFormatError(f"{path}: record {info.filename!r} declares {info.file_size} bytes, more than "
+                                    f"the {archive_size}-byte file holds: the archive is damaged or hostile")
+
+
 def _load_zip(path: Path) -> Any:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise CheckpointFormatError(f"{path}: damaged zip archive ({exc})") from None
+    archive_size = path.stat().st_size
     with archive:
         names = archive.namelist()
         pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
@@ -344,6 +356,7 @@ def _load_zip(path: Path) -> Any:
             if record not in available:
                 raise CheckpointFormatError(f"storage record {record!r} is missing from the archive")
             nbytes = numel * dtype.itemsize
+            _check_record(path, archive.getinfo(record), archive_size)
             if archive.getinfo(record).file_size < nbytes:
                 raise CheckpointFormatError(f"storage record {record!r} is shorter than {nbytes} bytes")
             raw = bytearray(nbytes)
@@ -354,6 +367,7 @@ def _load_zip(path: Path) -> Any:
             loaded[key] = _Storage(dtype, _bytes_to_tensor(raw, dtype, little_endian), foreign)
             return loaded[key]
 
+        _check_record(path, archive.getinfo(pickles[0]), archive_size)
         with archive.open(pickles[0]) as fh:
             return _unpickle(fh, load_storage, path)  # type: ignore[arg-type]
 
@@ -473,9 +487,20 @@ def _describe(obj: Any) -> str:
     return f"a {type(obj).__name__}"
 
 
-def _walk_module(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set[int]) -> None:
+MAX_DEPTH = 64
+"""Deepest nesting of modules or checkpoint dicts accepted (real models nest a dozen levels at most)."""
+
+
+def _too_deep(where: str) -> CheckpointFormatError:
+    return CheckpointFormatError(f"{where or 'the checkpoint'} is nested more than {MAX_DEPTH} levels deep; "
+                                 "not a model checkpoint (damaged or hostile)")
+
+
+def _walk_module(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set[int], depth: int = 0) -> None:
     state = _module_state(obj)
     assert state is not None
+    if depth > MAX_DEPTH:
+        raise _too_deep(f"module {prefix}")
     if id(obj) in seen:
         return
     seen.add(id(obj))
@@ -498,19 +523,21 @@ def _walk_module(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set[
             continue
         if not is_inert_module(child):
             raise CheckpointFormatError(f"submodule {prefix}{name} is {_describe(child)}, not a module")
-        _walk_module(child, f"{prefix}{name}.", out, seen)
+        _walk_module(child, f"{prefix}{name}.", out, seen, depth + 1)
 
 
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "vae", "autoencoder")
 
 
-def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+def extract_state_dict(obj: Any, _depth: int = 0) -> dict[str, torch.Tensor]:
     """Flatten a loaded checkpoint into `{dotted.name: tensor}` like `nn.Module.state_dict()`.
 
     Accepts an inert pickled module (walks `_parameters`, persistent `_buffers`, `_modules`), a
     state dict, or a checkpoint dict holding one under `state_dict`/`model`/`module`/... . Names
     keep any prefix they carry (e.g. `first_stage_model.`).
     """
+    if _depth > MAX_DEPTH:
+        raise _too_deep("")
     if is_inert_module(obj):
         out: dict[str, torch.Tensor] = {}
         _walk_module(obj, "", out, set())
@@ -523,11 +550,11 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
             return {k: v.detach() for k, v in obj.items()}
         for key in _CONTAINER_KEYS:
             if key in obj and (is_inert_module(obj[key]) or isinstance(obj[key], Mapping)):
-                return extract_state_dict(obj[key])
+                return extract_state_dict(obj[key], _depth + 1)
         keys = ", ".join(repr(k) for k in list(obj)[:12])
         raise CheckpointFormatError(
             f"checkpoint dict holds no state dict (keys: {keys}); expected one of {', '.join(_CONTAINER_KEYS)}"
         )
     if isinstance(obj, Inert) and obj.dict_items:  # a dict subclass, e.g. a custom state-dict type
-        return extract_state_dict(dict(obj.dict_items))
+        return extract_state_dict(dict(obj.dict_items), _depth + 1)
     raise CheckpointFormatError(f"checkpoint holds {_describe(obj)}, not a torch module or state dict")

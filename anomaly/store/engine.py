@@ -23,7 +23,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool, StaticPool
 
@@ -36,6 +36,47 @@ ENV_VAR = "ANOMALY_DB"
 DEFAULT_BUSY_TIMEOUT_S = 30.0
 _PG_MIGRATION_LOCK = 7_310_248_615  # pg_advisory_xact_lock key serialising concurrent upgrades
 _THREAD_LOCK = threading.Lock()  # Alembic's context and op proxies are process-global
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used (not a database, another program's tables, unreachable, full disk);
+    the message names the database and the fix."""
+
+
+_OWN_TABLES = frozenset({"scans", "models", "calibrations", "runs", "results", "findings", "reviews", "output_names"})
+
+
+def describe_db_error(exc: BaseException, url: str) -> str:
+    """One line for a database failure: what happened to ``url`` and what to do."""
+    orig = getattr(exc, "orig", None) or exc
+    text_ = " ".join(str(orig).split())
+    low = text_.lower()
+    if "file is not a database" in low or "file is encrypted" in low:
+        return f"database {url}: the file is not a SQLite database; give a new file name or an anomaly database"
+    if "disk is full" in low or "no space left" in low or "disk i/o error" in low:
+        return (f"database {url}: the disk holding it is full or failing ({text_}); free space and run the same "
+                "command again (results committed so far are kept)")
+    if "database is locked" in low or "database is busy" in low:
+        return (f"database {url}: locked by another process for longer than the busy timeout; wait for that "
+                "process to finish (or stop it) and run the same command again")
+    if "readonly" in low or "read-only" in low:
+        return f"database {url}: read-only ({text_}); give a database file you can write"
+    if "unable to open database file" in low:
+        return f"database {url}: cannot open or create the file; check the folder exists and is writable"
+    if "connection" in low or "could not connect" in low or "server closed" in low or "terminating" in low:
+        return (f"database {url}: the server is unreachable or closed the connection ({text_}); check that it "
+                "runs and run the same command again (results committed so far are kept)")
+    return f"database {url}: {type(orig).__name__}: {text_}"
+
+
+def _check_not_foreign(conn: Connection, url: str) -> None:
+    """Refuse a database without our migration history whose tables clash with ours (another program's)."""
+    from sqlalchemy import inspect
+
+    clash = sorted(_OWN_TABLES & set(inspect(conn).get_table_names()))
+    if clash:
+        raise StoreError(f"database {url} already holds tables named {', '.join(clash)} but no anomaly schema "
+                         "version: it belongs to another program; give a new file or an empty database")
 
 
 def default_db_url() -> str:
@@ -126,7 +167,7 @@ def _check_known(revision: str | None, url: str) -> None:
         return
     known = {script.revision for script in _script_directory().walk_revisions()}
     if revision not in known:
-        raise RuntimeError(
+        raise StoreError(
             f"database {url} is at schema revision {revision!r}, which this version of the anomaly "
             f"package does not know (newest known: {head_revision()!r}); it was written by a newer "
             "version: upgrade the package or use another database"
@@ -214,6 +255,8 @@ def upgrade_schema(engine: Engine, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_
     display = engine.url.render_as_string(hide_password=True)
     with engine.connect() as conn:
         current = current_revision(conn)
+        if current is None:
+            _check_not_foreign(conn, display)
     if current == head:
         return False
     _check_known(current, display)
@@ -299,6 +342,9 @@ def open_store(
     engine = create_store_engine(normalized, busy_timeout_s)
     try:
         upgrade_schema(engine, busy_timeout_s)
+    except DBAPIError as exc:
+        engine.dispose()
+        raise StoreError(describe_db_error(exc, engine.url.render_as_string(hide_password=True))) from exc
     except Exception:
         engine.dispose()
         raise

@@ -10,7 +10,7 @@ import math
 import os
 import re
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -25,6 +25,7 @@ from anomaly.store.schema import (
     Calibration,
     Finding,
     Model,
+    OutputName,
     Result,
     Review,
     Run,
@@ -234,6 +235,55 @@ def get_result(s: Session, run: Run | int, scan: Scan | int) -> Result | None:
     """The result of ``scan`` in ``run``, or None when not scored there yet."""
     stmt = select(Result).where(Result.run_id == _id(run, "run"), Result.scan_id == _id(scan, "scan"))
     return s.scalars(stmt).one_or_none()
+
+
+def claimed_stem(s: Session, run: Run | int, scan: Scan | int) -> str | None:
+    """The output stem ``scan`` holds in ``run``'s folder, or None when it has claimed none."""
+    stmt = select(OutputName.stem).where(OutputName.run_id == _id(run, "run"), OutputName.scan_id == _id(scan, "scan"))
+    return s.scalars(stmt).one_or_none()
+
+
+def claim_output_name(
+    s: Session,
+    run: Run | int,
+    scan: Scan | int,
+    out_dir: str | os.PathLike[str],
+    candidates: Iterable[str],
+    in_use: Callable[[str], bool] = lambda stem: False,
+) -> str:
+    """Claim the first free stem among ``candidates`` for the outputs of ``scan`` in ``run`` (in
+    ``out_dir``): free means no other (run, scan) holds it in this database and ``in_use(stem)`` is
+    False (e.g. no such file on disk). A scan that already holds a stem in this run keeps it.
+    Safe when several processes claim at once (a unique key; the loser tries the next candidate)."""
+    from anomaly.outputs import output_key
+
+    run_id, scan_id = _id(run, "run"), _id(scan, "scan")
+    held = claimed_stem(s, run_id, scan_id)
+    if held is not None:
+        return held
+    folder = os.fspath(out_dir)
+    dialect = s.get_bind().dialect.name
+    for stem in candidates:
+        key = output_key(folder, stem)
+        if s.scalars(select(OutputName.id).where(OutputName.key == key)).first() is not None or in_use(stem):
+            continue
+        values = {"key": key, "out_dir": folder, "stem": stem, "run_id": run_id, "scan_id": scan_id,
+                  "created_at": utcnow()}
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            s.execute(sqlite_insert(OutputName.__table__).values(**values).on_conflict_do_nothing())
+        elif dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            s.execute(pg_insert(OutputName.__table__).values(**values).on_conflict_do_nothing())
+        else:  # pragma: no cover - other backends: a concurrent duplicate raises IntegrityError
+            s.add(OutputName(**values))
+            s.flush()
+        held = claimed_stem(s, run_id, scan_id)
+        if held is not None:
+            return held
+    raise RuntimeError("no free output name")  # pragma: no cover - the candidates never end
 
 
 def _finding_from_dict(data: Mapping[str, Any], default_rank: int, where: str) -> Finding:

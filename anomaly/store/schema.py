@@ -94,7 +94,7 @@ class Scan(Base):
     orientation: Mapped[str | None] = mapped_column(String(16))
     dtype: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # where the scan came from (migration 0002_dicom): nifti, dicom or bids; DICOM identity; never a
+    # where the scan came from (migration 0003_dicom): nifti, dicom or bids; DICOM identity; never a
     # patient name or ID, only their salted hash
     source: Mapped[str | None] = mapped_column(String(16))
     study_uid: Mapped[str | None] = mapped_column(String(64), index=True)
@@ -225,6 +225,28 @@ class Result(Base):
 
     def __repr__(self) -> str:
         return f"Result(id={self.id}, run_id={self.run_id}, scan_id={self.scan_id}, status={self.status!r})"
+
+
+class OutputName(Base):
+    """The stem one scan's outputs carry in one output folder, claimed before they are written.
+
+    ``key`` (SHA-256 of the folder and the case-folded stem) is unique, so no two scans or runs can
+    ever write the same file; a scan keeps its claim when its run is resumed.
+    """
+
+    __tablename__ = "output_names"
+    __table_args__ = (UniqueConstraint("run_id", "scan_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True)
+    out_dir: Mapped[str] = mapped_column(String)
+    stem: Mapped[str] = mapped_column(String)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    scan_id: Mapped[int] = mapped_column(ForeignKey("scans.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"OutputName(run_id={self.run_id}, scan_id={self.scan_id}, stem={self.stem!r})"
 
 
 class Finding(Base):

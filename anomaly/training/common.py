@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import time
 from collections.abc import Callable
@@ -63,8 +64,33 @@ class TrainResult:
     stopped: str = "max_steps"
 
 
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.device)
+
+
+class CheckpointError(ValueError):
+    """A training checkpoint that cannot be read safely; the message names the file and the fix."""
+
+
+def _check_plain(value: Any, where: str = "checkpoint") -> None:
+    """Refuse anything `torch.load(weights_only=True)` would not read back: only tensors, numbers,
+    strings, None and dicts/lists/tuples of them (the RNG state is a uint8 tensor)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"{where}: key {key!r} is not a string or int")
+            _check_plain(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+    elif not isinstance(value, _PLAIN):
+        raise TypeError(f"{where} is a {type(value).__name__}; a checkpoint holds only tensors, numbers, "
+                        "strings and dicts/lists of them")
+
+
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
-    """Write a checkpoint atomically (a crash never leaves half a file behind)."""
+    """Write a checkpoint atomically (a crash never leaves half a file behind); its contents must be
+    plain (see :func:`_check_plain`) so that it loads with ``weights_only=True``."""
+    _check_plain(state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -73,11 +99,22 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """A checkpoint written by :func:`save_checkpoint`, or None when there is none."""
+    """A checkpoint written by :func:`save_checkpoint`, or None when there is none.
+
+    Read with ``weights_only=True``: a file holding pickled code or foreign objects is refused, never run."""
     path = Path(path)
     if not path.is_file():
         return None
-    return torch.load(path, weights_only=False, map_location="cpu")
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{path}: not a checkpoint this trainer wrote, or damaged ({reason}); nothing in it "
+                              "was run: delete it (or train into another folder) to start afresh") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a training checkpoint; delete it to "
+                              "start afresh")
+    return state
 
 
 class Budget:

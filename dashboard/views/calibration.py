@@ -34,6 +34,7 @@ from dashboard.curves import (
     voxel_curves,
 )
 from dashboard.paths import LABEL_KEY, UnsafePathError, result_file
+from dashboard.text import plain
 from dashboard.views.common import empty_runs, selected_run
 from dashboard.volumes import VolumeLoadError, load
 
@@ -146,13 +147,13 @@ def voxel_section(store: Store, run_id: int, out_dir: str) -> VoxelCurves | None
              map_path.stat().st_mtime_ns, label_path.stat().st_mtime_ns)
         )
     for problem in problems[:5]:
-        st.warning(problem)
+        st.warning(plain(problem))
     if not sources:
         return None
     try:
         curves = _voxel_curves(tuple(sources))
     except (ValueError, VolumeLoadError) as exc:
-        st.warning(f"Voxel curves unavailable: {exc}")
+        st.warning(f"Voxel curves unavailable: {plain(exc)}")
         return None
     st.caption(
         f"Pooled over {curves.n_scans} labelled scans ({curves.n_lesion_voxels} lesion voxels)"
@@ -202,10 +203,10 @@ def _save(store: Store, run_id: int, model_id: int, settings_hash: str, metrics:
             )
             ref = saved.ref
     except ValueError as exc:
-        state.flash(f"Calibration not saved: {exc}", "error")
+        state.flash(f"Calibration not saved: {plain(exc)}", "error")
         return
     state.flash(
-        f"Saved calibration **{ref}** (voxel threshold {float(voxel):.4g}, scan threshold "
+        f"Saved calibration **{plain(ref)}** (voxel threshold {float(voxel):.4g}, scan threshold "
         f"{float(ss[SCAN_THRESHOLD]):.4g}). Apply it with `anomaly score ... --calibration {ref}`."
     )
 
@@ -255,7 +256,7 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
     ss[SCAN_THRESHOLD] = float(min(max(float(ss[SCAN_THRESHOLD]), low), high))
     if current is not None:
         st.caption(
-            f"This run was scored with calibration **{current.ref}** ({current.method}): voxel threshold "
+            f"This run was scored with calibration **{plain(current.ref)}** ({current.method}): voxel threshold "
             f"{current.voxel_threshold:.4g}, scan threshold "
             f"{'none' if current.scan_threshold is None else f'{current.scan_threshold:.4g}'}."
         )
@@ -378,7 +379,7 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
     with st.form("save_calibration", border=True):
         st.text_input("Name", key=NAME, help="Saved as the next version of this name (NAME@1, NAME@2, …).")
         st.caption(
-            f"Saves method `manual` for model {run.model_name} with the voxel threshold above and scan "
+            f"Saves method `manual` for model {plain(run.model_name)} with the voxel threshold above and scan "
             f"threshold {threshold:.4g}."
         )
         st.form_submit_button(

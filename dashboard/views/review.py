@@ -9,6 +9,7 @@ import streamlit as st
 
 from anomaly.store import VERDICTS, ResultDetail, Store, add_review, neighbours
 from dashboard import state
+from dashboard.text import plain
 
 VERDICT = "rv_verdict"
 NOTE = "rv_note"
@@ -52,7 +53,7 @@ def save(
     note = str(ss.get(NOTE, "") or "").strip()
     with store.session() as s:
         add_review(s, result_id, reviewer, verdict, note)
-    message = f"Saved **{verdict}** for {scan_name} (reviewer {reviewer})."
+    message = f"Saved **{verdict}** for {plain(scan_name)} (reviewer {plain(reviewer)})."
     if go_next:
         with store.session() as s:
             _, next_id = neighbours(s, run_id, result_id, order, **stepping)
@@ -71,7 +72,7 @@ def panel(store: Store, run_id: int, detail: ResultDetail, order: str, stepping:
     st.markdown("#### Review")
     if latest is not None:
         st.caption(
-            f"Current verdict: **{latest.verdict}** by {latest.reviewer}, {latest.created_at:%Y-%m-%d %H:%M} UTC"
+            f"Current verdict: **{latest.verdict}** by {plain(latest.reviewer)}, {latest.created_at:%Y-%m-%d %H:%M} UTC"
         )
     else:
         st.caption("Not reviewed yet.")
@@ -102,7 +103,7 @@ def panel(store: Store, run_id: int, detail: ResultDetail, order: str, stepping:
     if detail.reviews:
         with st.expander(f"History ({len(detail.reviews)})"):
             for review in reversed(detail.reviews):
-                note = f": {review.note}" if review.note else ""
+                note = f": {plain(review.note)}" if review.note else ""
                 st.markdown(
-                    f"- {review.created_at:%Y-%m-%d %H:%M} **{review.verdict}** by {review.reviewer}{note}"
+                    f"- {review.created_at:%Y-%m-%d %H:%M} **{review.verdict}** by {plain(review.reviewer)}{note}"
                 )

@@ -33,6 +33,7 @@ from anomaly.viz import (
 )
 from dashboard import state
 from dashboard.paths import UnsafePathError, display_path, result_file
+from dashboard.text import plain
 from dashboard.views import review
 from dashboard.views.common import empty_runs, fmt_score, selected_run
 from dashboard.volumes import LoadedVolume, VolumeLoadError, load_many, prefetch
@@ -535,10 +536,10 @@ def details(detail: ResultDetail, vols: ScanVolumes) -> None:
             "scoring time (s)": fmt_score(result.timing_s),
             "content hash": scan.content_hash,
         }
-        st.table({"": list(rows), "value": [str(v) for v in rows.values()]})
+        st.table({"": list(rows), "value": [plain(v) for v in rows.values()]})
         warnings = (result.details or {}).get("warnings") or []
         for warning in warnings:
-            st.caption(f":material/warning: {warning}")
+            st.caption(f":material/warning: {plain(warning)}")
 
 
 def header(detail: ResultDetail, prev_id: int | None, next_id: int | None, store: Store, run_id: int) -> None:
@@ -557,7 +558,7 @@ def header(detail: ResultDetail, prev_id: int | None, next_id: int | None, store
     flag = " · :red[**flagged**]" if result.flagged else ""
     verdict = detail.latest_review.verdict if detail.latest_review else "unreviewed"
     c2.markdown(
-        f"### {detail.scan.name}\nscore **{fmt_score(result.score)}**{flag} · {len(detail.findings)} "
+        f"### {plain(detail.scan.name)}\nscore **{fmt_score(result.score)}**{flag} · {len(detail.findings)} "
         f"finding(s) · {verdict}"
     )
     c3.button(
@@ -628,9 +629,9 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
         review.panel(store, run.run_id, detail, chosen.order, stepping)
     with main:
         if detail.result.status != "ok":
-            st.error(f"Scoring failed for this scan: {detail.result.error or 'no reason recorded'}")
+            st.error(f"Scoring failed for this scan: {plain(detail.result.error or 'no reason recorded')}")
         for problem in vols.problems:
-            st.warning(problem)
+            st.warning(plain(problem))
         if vols.reference is None:
             if detail.result.status == "ok":
                 st.info("No image of this scan can be shown (see above).")

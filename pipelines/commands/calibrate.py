@@ -11,6 +11,7 @@ from pipelines.commands.common import (
     add_contrast_option,
     add_db_option,
     add_model_option,
+    check_out_dir,
     new_parser,
     store_from,
 )
@@ -105,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     settings = load_scoring_settings(args.config, precision=args.precision, batch_size=args.batch_size,
                                      contrast=args.contrast,
                                      save_reconstruction=False)
+    if args.out:
+        check_out_dir(args.out)
     model = load_model(args.model, precision=settings.precision)
     store = store_from(args)
     try:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -24,9 +27,47 @@ def add_model_option(parser: argparse.ArgumentParser, default: str = "default") 
 
 
 def store_from(args: argparse.Namespace) -> Store:
-    from anomaly.store import default_db_url, normalize_db_url, open_store
+    """Open the store named by ``--db`` (or ``$ANOMALY_DB``); a bad path or URL is a one-line UserError."""
+    from anomaly.store import StoreError, default_db_url, normalize_db_url, open_store
 
-    return open_store(normalize_db_url(args.db) if args.db else default_db_url())
+    given = args.db or default_db_url()
+    try:
+        return open_store(normalize_db_url(args.db) if args.db else given)
+    except (StoreError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    except OSError as exc:
+        raise UserError(f"--db {given}: cannot use it ({exc.strerror or exc}); give a writable file path or a "
+                        "database URL") from None
+
+
+def check_out_dir(value: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Create the output folder when needed and prove it writable (a temporary file), before any work."""
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path}: is a file, not a folder; give a folder path for the outputs")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".anomaly-write-test."):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise UserError(f"{option} {path}: cannot write there ({reason}); choose a folder you can write to") from None
+    return path
+
+
+def check_csv_path(value: str | os.PathLike[str], option: str = "--csv") -> Path:
+    """Refuse a CSV path that is a folder, or whose parent is a file, before any scoring is done."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise UserError(f"{option} {path}: is a folder; give a file name, e.g. {path / 'scores.csv'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"{option} {path}: {parent} is a file, not a folder; give another CSV path")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise UserError(f"{option} {path}: cannot write in {parent} (permission denied); give another CSV path")
+    return path
 
 
 def new_parser(sub: argparse._SubParsersAction, name: str, summary: str, example: str) -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from pipelines.commands.common import UserError, add_db_option, new_parser, store_from
+from pipelines.commands.common import UserError, add_db_option, check_out_dir, new_parser, store_from
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.calibrate import CalibrateError
     from pipelines.evaluate import EvaluateError, evaluate_run
 
+    if args.out:
+        check_out_dir(args.out)
     store = store_from(args)
     try:
         report = evaluate_run(store, args.run, args.labels, args.out, calibration=args.calibration,

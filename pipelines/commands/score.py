@@ -46,6 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="local: this process, reading ahead in threads; dask: a Dask cluster")
     p.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler address (default: a local cluster)")
     p.add_argument("--workers", type=int, default=2, help="workers of the local Dask cluster (default 2)")
+    p.add_argument("--max-volume-mb", type=float, metavar="MB",
+                   help="memory budget of one volume: a scan whose voxels need more is refused before reading "
+                        "(default: $ANOMALY_MAX_VOLUME_MB, else 1024)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -73,7 +76,17 @@ def make_executor(args: argparse.Namespace) -> object:
 def run(args: argparse.Namespace) -> int:
     from anomaly.config import load_scoring_settings
     from anomaly.models import load_model
+    from anomaly.volume import VolumeError, max_volume_bytes
     from pipelines.batch import score_batch
+    from pipelines.commands.common import check_csv_path, check_out_dir
+
+    try:
+        max_bytes = max_volume_bytes(args.max_volume_mb)
+    except VolumeError as exc:
+        raise UserError(f"--max-volume-mb: {exc.reason}; {exc.hint}") from None
+    check_out_dir(args.out)
+    if args.csv:
+        check_csv_path(args.csv)
 
     device = resolve_device(args.device)
     settings = load_scoring_settings(args.config, precision=args.precision, batch_size=args.batch_size,
@@ -95,12 +108,12 @@ def run(args: argparse.Namespace) -> int:
         summary = score_batch(args.inputs, args.out, model, store, settings, calibration=args.calibration,
                               force_calibration=args.force_calibration, executor=make_executor(args),
                               csv_path=args.csv, progress=not args.quiet, atlas=atlas,
-                              patient_salt=patient_salt())
+                              patient_salt=patient_salt(), max_bytes=max_bytes)
     finally:
         store.close()
+    ok, failed, skipped = summary.count("ok"), summary.count("failed"), summary.count("skipped")
     for note in summary.notes:
         print(f"note: {note}", file=sys.stderr)
-    ok, failed, skipped = summary.count("ok"), summary.count("failed"), summary.count("skipped")
     for row in summary.rows:
         if row["status"] == "failed":
             print(f"FAILED {row['error']}", file=sys.stderr)

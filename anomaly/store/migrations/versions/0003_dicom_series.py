@@ -1,8 +1,8 @@
 """Where a scan came from: DICOM study and series identity, description, acquisition date, a salted
 patient hash, and the source's acquisition facts (sequence, TR/TE/TI, BIDS entities) as JSON.
 
-Revision ID: 0002_dicom
-Revises: 0001
+Revision ID: 0003_dicom
+Revises: 0002
 Create Date: 2026-11-29
 """
 
@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002_dicom"
-down_revision: str | Sequence[str] | None = "0001"
+revision: str = "0003_dicom"
+down_revision: str | Sequence[str] | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -164,8 +164,10 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
                 executor: Executor | None = None, csv_path: str | os.PathLike[str] | None = None,
                 progress: bool = True, atlas: Any = None,
                 on_outcome: Callable[[ScanOutcome], None] | None = None,
-                force_calibration: bool = False) -> BatchSummary:
-    """Score every input into ``out_dir`` and ``store``; returns the per-file rows written to the CSV."""
+                force_calibration: bool = False,
+                brain_mask: str | os.PathLike[str] | None = None) -> BatchSummary:
+    """Score every input into ``out_dir`` and ``store``; returns the per-file rows written to the CSV.
+    ``brain_mask``: the user's brain mask file, or a folder of masks named like the scans."""
     started = time.perf_counter()
     settings = settings or ScoringSettings()
     executor = executor or LocalExecutor()
@@ -192,7 +194,8 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
     skipped = 0
     with store.session() as s:
         for path, stem, digest in zip(paths, unique_stems(paths), hashes, strict=True):
-            task = ScanTask(path=path, stem=stem, content_hash=digest, out_dir=out)
+            task = ScanTask(path=path, stem=stem, content_hash=digest, out_dir=out,
+                            brain_mask=Path(brain_mask) if brain_mask is not None else None)
             if digest in first_of:
                 rows.append(_row(task, "skipped", run_id, applied,
                                  error=f"same content as {first_of[digest]}; scored once"))

@@ -14,22 +14,25 @@ from typing import Any
 
 import numpy as np
 
+from anomaly.brain_extraction import find_user_mask
 from anomaly.config import ScoringSettings
 from anomaly.models.base import SliceModel
 from anomaly.outputs import output_path
-from anomaly.preprocess import PreparedVolume, prepare_volume
+from anomaly.preprocess import PreparedVolume, prepare_scan
 from anomaly.scoring import ScanMaps, score_prepared
 from anomaly.volume import Volume, VolumeError, load_volume, save_nifti
 
 
 @dataclass(frozen=True)
 class ScanTask:
-    """One input file and where its outputs go in ``out_dir`` (names in :mod:`anomaly.outputs`)."""
+    """One input file and where its outputs go in ``out_dir`` (names in :mod:`anomaly.outputs`); ``brain_mask``
+    is the user's mask file or folder of masks named like the scans (``--brain-mask``)."""
 
     path: Path
     stem: str
     content_hash: str
     out_dir: Path
+    brain_mask: Path | None = None
 
     def output(self, kind: str) -> Path:
         return output_path(self.out_dir, self.stem, kind)
@@ -79,7 +82,8 @@ def load_and_prepare(task: ScanTask, model: SliceModel, settings: ScoringSetting
     t0 = time.perf_counter()
     try:
         volume = load_volume(task.path)
-        prepared = prepare_volume(volume, settings.preprocess, model.input_spec)
+        user_mask = find_user_mask(task.brain_mask, task.path) if task.brain_mask is not None else None
+        prepared = prepare_scan(volume, settings.preprocess, model.input_spec, user_mask=user_mask)
         return Loaded(task, volume, prepared, seconds=time.perf_counter() - t0)
     except VolumeError as exc:
         return Loaded(task, error=str(exc), seconds=time.perf_counter() - t0)
@@ -112,7 +116,7 @@ def finish_scan(loaded: Loaded, model: SliceModel, settings: ScoringSettings,
                            "timings": {"prepare_s": loaded.seconds, **maps.timings},
                            "brain_volume_ml": loaded.prepared.brain_volume_ml,
                            "n_slices": int(len(loaded.prepared.slices)),
-                           "contrast": loaded.prepared.contrast}
+                           "contrast": loaded.prepared.contrast, **loaded.prepared.stages}
         outcome.map_path = str(save_nifti(maps.anomaly, volume.affine, task.output("anomaly")))
         save_nifti(maps.brain_mask.astype(np.uint8), volume.affine, task.output("brain"), dtype=np.uint8)
         if maps.reconstruction is not None:
@@ -138,12 +142,16 @@ def _apply_calibration(outcome: ScanOutcome, maps: ScanMaps, volume: Volume,
     if calibration.scan_threshold is not None:
         outcome.flagged = bool(outcome.score is not None and outcome.score >= calibration.scan_threshold)
     in_mni = False
-    if atlas is not None:
+    registration = maps.prepared.registration
+    if atlas is not None and registration is not None:
+        in_mni = True
+    elif atlas is not None:
         from anomaly.atlas import is_mni_space
 
         in_mni = bool(is_mni_space(maps.brain_mask, volume.affine))
     findings = extract_findings(maps.anomaly, mask, volume.affine, min_volume_ml=calibration.min_volume_ml,
-                                atlas=atlas, in_mni=in_mni)
+                                atlas=atlas, in_mni=in_mni,
+                                to_atlas=registration.native_to_template_points if registration is not None else None)
     outcome.findings = [f.to_dict() for f in findings]
     outcome.details["calibration"] = {"name": calibration.name, "voxel_threshold": calibration.voxel_threshold,
                                       "scan_threshold": calibration.scan_threshold, "in_mni": in_mni}

@@ -11,7 +11,9 @@ from pipelines.commands.common import (
     add_contrast_option,
     add_db_option,
     add_model_option,
+    add_raw_input_options,
     new_parser,
+    raw_input_settings,
     store_from,
 )
 
@@ -45,6 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="YAML", help="scoring settings; score later with the same file")
     p.add_argument("--precision", choices=("fp32", "bf16"), help="model arithmetic; score later with the same")
     add_contrast_option(p)
+    add_raw_input_options(p)
     p.add_argument("--batch-size", type=int, help="slices per model call (speed only)")
     p.add_argument("--min-volume-ml", type=float, default=0.05,
                    help="smallest finding kept when the calibration is applied (default 0.05 mL)")
@@ -102,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.calibrate import CalibrateError, CalibrationError, run_calibration
 
     settings = load_scoring_settings(args.config, precision=args.precision, batch_size=args.batch_size,
-                                     contrast=args.contrast,
+                                     contrast=args.contrast, preprocess=raw_input_settings(args),
                                      save_reconstruction=False)
     model = load_model(args.model, precision=settings.precision)
     store = store_from(args)
@@ -111,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                                   scan_target_fpr=args.scan_target_fpr, labels_dir=args.labels,
                                   healthy_without_labels=args.healthy_without_labels, out_dir=args.out,
                                   min_volume_ml=args.min_volume_ml, n_bootstrap=args.bootstrap, seed=args.seed,
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, brain_mask=args.brain_mask)
     except (CalibrateError, CalibrationError, VolumeError) as exc:
         raise UserError(f"calibration refused: {str(exc).replace('n_bootstrap=0', '--bootstrap 0')}") from exc
     finally:

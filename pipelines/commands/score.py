@@ -10,7 +10,9 @@ from pipelines.commands.common import (
     add_contrast_option,
     add_db_option,
     add_model_option,
+    add_raw_input_options,
     new_parser,
+    raw_input_settings,
     store_from,
 )
 
@@ -31,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="YAML", help="scoring settings (default: configs/score/default.yaml values)")
     p.add_argument("--precision", choices=("fp32", "bf16"), help="model arithmetic (bf16 is ~3x faster on CPUs with bf16 units)")
     add_contrast_option(p)
+    add_raw_input_options(p)
     p.add_argument("--batch-size", type=int, help="slices per model call")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
     p.add_argument("--no-recon", action="store_true", help="do not write <name>_recon.nii.gz")
@@ -69,10 +72,13 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.batch import score_batch
 
     settings = load_scoring_settings(args.config, precision=args.precision, batch_size=args.batch_size,
-                                     contrast=args.contrast,
+                                     contrast=args.contrast, preprocess=raw_input_settings(args),
                                      save_reconstruction=False if args.no_recon else None)
     model = load_model(args.model, precision=settings.precision, device=resolve_device(args.device))
     atlas = None
+    if settings.preprocess.register != "none" and not args.calibration:
+        print("note: --register mni names finding regions only with --calibration (findings need a threshold)",
+              file=sys.stderr)
     if args.calibration and args.atlas != "none":
         from anomaly.atlas import load_atlas
 
@@ -83,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     store = store_from(args)
     try:
         summary = score_batch(args.inputs, args.out, model, store, settings, calibration=args.calibration,
-                              force_calibration=args.force_calibration, executor=make_executor(args), csv_path=args.csv, progress=not args.quiet, atlas=atlas)
+                              force_calibration=args.force_calibration, executor=make_executor(args), csv_path=args.csv, progress=not args.quiet, atlas=atlas,
+                              brain_mask=args.brain_mask)
     finally:
         store.close()
     ok, failed, skipped = summary.count("ok"), summary.count("failed"), summary.count("skipped")

@@ -15,6 +15,7 @@ import importlib.metadata
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,7 +122,9 @@ def _extractor() -> object:
         if name not in expected or not path.is_file() or _sha256_b64(path) != expected[name]:
             raise RuntimeError(f"deepbet weights {path} are missing or differ from the published wheel; "
                                f"reinstall it: {_INSTALL_HINT}")
-    return BrainExtraction(no_gpu=not torch.cuda.is_available())
+    with warnings.catch_warnings():  # torch 2.13 marks torch.jit.load deprecated; the archives still load
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return BrainExtraction(no_gpu=not torch.cuda.is_available())
 
 
 def strip_skull(volume: Volume, *, size: int = 192, threshold: float = 0.5, check: bool = True) -> BrainMaskResult:
@@ -134,9 +137,13 @@ def strip_skull(volume: Volume, *, size: int = 192, threshold: float = 0.5, chec
     bet = _extractor()
     ornt = nib.io_orientation(volume.affine)
     canonical = nib.apply_orientation(np.asarray(volume.data, dtype=np.float32), ornt)
-    with _LOCK, torch.inference_mode():
-        prob = bet.run_model(np.ascontiguousarray(canonical), shape=(size, size, size))  # type: ignore[attr-defined]
-        mask = bet.postprocess(prob > threshold)  # type: ignore[attr-defined]
+    try:
+        with _LOCK, torch.inference_mode():
+            prob = bet.run_model(np.ascontiguousarray(canonical), shape=(size, size, size))  # type: ignore[attr-defined]
+            mask = bet.postprocess(prob > threshold)  # type: ignore[attr-defined]
+    except (AssertionError, ValueError) as exc:  # deepbet asserts when it finds no head at all
+        raise VolumeError(volume.path, f"brain extraction (deepbet) found no brain: {exc or 'empty result'}",
+                          "check that the file holds a head MRI, or give its brain mask with --brain-mask") from exc
     back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), ornt)
     native = np.ascontiguousarray(nib.apply_orientation(np.asarray(mask, dtype=bool), back))
     if check:

@@ -20,7 +20,8 @@ from pipelines.commands.common import (
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = new_parser(sub, "score", "Score NIfTI scans: writes DIR/<name>_anomaly.nii.gz per scan, records "
                    "results in the database, skips scans already scored with the same model and settings.",
-                   "anomaly score data/sample --out results/demo --csv results/demo/scores.csv")
+                   "anomaly score data/sample --out results/demo --csv results/demo/scores.csv\n"
+                   "  anomaly score raw_heads/ --out results/raw --skull-strip auto --register mni --calibration demo")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI files or folders (searched recursively)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the maps")
     add_model_option(p)

@@ -36,7 +36,12 @@ HEAD_PROBE_MM = 2.0
 _WEIGHT_FILES = ("model.pt", "bbox_model.pt")
 _LOCK = threading.Lock()
 """deepbet keeps the last bounding box on its object between its two steps: one scan at a time."""
-_INSTALL_HINT = "install the brain extractor with `pip install --no-deps deepbet connected-components-3d fill_voids`"
+_INSTALL_HINT = ("install it with `pip install --no-deps deepbet==1.0.2` and `pip install connected-components-3d "
+                 "fill_voids` (as `make setup` does)")
+
+
+class StageUnavailable(RuntimeError):
+    """A preprocessing stage whose package is not installed or not the expected one; says what to install."""
 
 
 @dataclass(frozen=True)
@@ -89,18 +94,24 @@ def _extent_mm(mask: np.ndarray, affine: np.ndarray) -> tuple[float, float, floa
     return tuple(float(v) for v in world.max(axis=0) - world.min(axis=0) + spacing.min())  # type: ignore[return-value]
 
 
+KNOWN_WEIGHTS = {
+    "model.pt": "de8ee7c69654d0dd3935dc4a5d84571d8ecf4637a6bfc01df399c4c2bc86e0fd",
+    "bbox_model.pt": "39a7b2b5f799faa1391ea97bfcdc0b9299f20d84f2316a4ff8918dc4685e40aa",
+}
+"""SHA-256 of the networks of deepbet 1.0.2, the ones measured in the README."""
+
+
 def _record_hashes(dist: str) -> dict[str, str]:
-    """SHA-256 of the weight files as the installed wheel's RECORD lists them."""
+    """SHA-256 (hex) of the weight files as the installed wheel's RECORD lists them."""
     out: dict[str, str] = {}
     for entry in importlib.metadata.files(dist) or []:
         if entry.name in _WEIGHT_FILES and entry.hash is not None and entry.hash.mode == "sha256":
-            out[entry.name] = entry.hash.value
+            out[entry.name] = base64.urlsafe_b64decode(entry.hash.value + "=" * (-len(entry.hash.value) % 4)).hex()
     return out
 
 
-def _sha256_b64(path: Path) -> str:
-    digest = hashlib.sha256(path.read_bytes()).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @functools.lru_cache(maxsize=1)
@@ -108,20 +119,24 @@ def _extractor() -> object:
     """deepbet's networks, loaded once per process after checking them against the wheel's RECORD.
 
     They are TorchScript archives, which ``torch.load(weights_only=True)`` refuses; ``torch.jit.load``
-    reads TorchScript code and tensors, not arbitrary pickled Python, and the hash check makes sure the
-    files are the ones the wheel was published with."""
+    reads TorchScript code and tensors, not arbitrary pickled Python, and the hash checks make sure the
+    files are those the installed wheel lists and those of deepbet 1.0.2, the version measured here."""
     try:
         import torch
         from deepbet import BrainExtraction
         from deepbet.utils import DATA_PATH
     except ImportError as exc:
-        raise RuntimeError(f"brain extraction needs the deepbet package ({exc}); {_INSTALL_HINT}") from exc
-    expected = _record_hashes("deepbet")
+        raise StageUnavailable(f"brain extraction needs the deepbet package ({exc}); {_INSTALL_HINT}") from exc
+    recorded = _record_hashes("deepbet")
     for name in _WEIGHT_FILES:
         path = Path(DATA_PATH) / "models" / name
-        if name not in expected or not path.is_file() or _sha256_b64(path) != expected[name]:
-            raise RuntimeError(f"deepbet weights {path} are missing or differ from the published wheel; "
-                               f"reinstall it: {_INSTALL_HINT}")
+        digest = _sha256(path) if path.is_file() else None
+        if digest is None or digest != recorded.get(name):
+            raise StageUnavailable(f"deepbet weights {path} are missing or differ from its installed wheel; "
+                               f"{_INSTALL_HINT}")
+        if digest != KNOWN_WEIGHTS[name]:
+            raise StageUnavailable(f"deepbet weights {path} are not those of deepbet 1.0.2, the version measured "
+                               f"for this project; {_INSTALL_HINT}")
     with warnings.catch_warnings():  # torch 2.13 marks torch.jit.load deprecated; the archives still load
         warnings.simplefilter("ignore", DeprecationWarning)
         return BrainExtraction(no_gpu=not torch.cuda.is_available())

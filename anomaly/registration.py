@@ -25,20 +25,22 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from anomaly.brain_extraction import StageUnavailable
 from anomaly.volume import Volume, VolumeError
 
 REGISTER_CHOICES = ("none", "mni")
 TRANSFORMS = {"affine": "Affine", "deformable": "SyN"}
 WORK_SPACING_MM = 3.0
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-_INSTALL_HINT = "install ANTsPy with `pip install --no-deps antspyx` and `pip install statsmodels webcolors`"
+_INSTALL_HINT = ("install ANTsPy with `pip install --no-deps antspyx==0.6.3` and `pip install statsmodels webcolors` "
+                 "(as `make setup` does)")
 
 
 def _ants() -> Any:
     try:
         import ants
     except ImportError as exc:
-        raise RuntimeError(f"registration needs ANTsPy ({exc}); {_INSTALL_HINT}") from exc
+        raise StageUnavailable(f"registration needs ANTsPy ({exc}); {_INSTALL_HINT}") from exc
     return ants
 
 

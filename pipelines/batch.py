@@ -119,7 +119,8 @@ def calibration_settings_problem(cal: Any, settings_hash: str, settings: dict[st
     stored = (cal.data or {}).get("settings") if isinstance(cal.data, dict) else None
     detail = ""
     if isinstance(stored, dict) and settings is not None:
-        old, new = _flat(stored), _flat(settings)
+        # a setting added after the calibration was made counts as its default (what scoring did then)
+        old, new = {**_flat(ScoringSettings().to_dict()), **_flat(stored)}, _flat(settings)
         changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
                    if k not in MAP_NEUTRAL_SETTINGS and old.get(k) != new.get(k)]
         if not changed:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from anomaly.brain_extraction import find_user_mask
+from anomaly.brain_extraction import StageUnavailable, find_user_mask
 from anomaly.config import ScoringSettings
 from anomaly.models.base import SliceModel
 from anomaly.outputs import output_path
@@ -87,6 +87,8 @@ def load_and_prepare(task: ScanTask, model: SliceModel, settings: ScoringSetting
         return Loaded(task, volume, prepared, seconds=time.perf_counter() - t0)
     except VolumeError as exc:
         return Loaded(task, error=str(exc), seconds=time.perf_counter() - t0)
+    except StageUnavailable as exc:
+        return Loaded(task, error=f"{task.path}: {exc}", seconds=time.perf_counter() - t0)
     except MemoryError:
         return Loaded(task, error=f"{task.path}: out of memory while reading; score it alone or on a larger machine",
                       seconds=time.perf_counter() - t0)

@@ -148,5 +148,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"apply with: anomaly score INPUT... --out DIR --model {args.model} --calibration {outcome.ref}"
           + (f" --db {args.db}" if args.db else "")
           + (f" --config {args.config}" if args.config else "")
-          + (f" --precision {args.precision}" if args.precision else ""))
+          + (f" --precision {args.precision}" if args.precision else "")
+          + "".join(f" --{flag.replace('_', '-')} {getattr(args, flag)}" for flag in
+                    ("skull_strip", "register", "register_transform") if getattr(args, flag, None))
+          + (" --brain-mask MASKS" if args.brain_mask else ""))
     return 0

@@ -166,7 +166,7 @@ def registration() -> list[dict]:
     sources = [("MNI152 brain", Volume(mni152_template().data, mni152_template().affine))]
     if (COLIN / "ch2bet.nii.gz").exists():
         sources.append(("Colin27 brain", load_volume(COLIN / "ch2bet.nii.gz")))
-    motions = {"rigid 12/-8/5 deg, 10 mm": _motion((12, -8, 5), (6, -9, 12)),
+    motions = {"rigid 12/-8/5 deg, 16 mm": _motion((12, -8, 5), (6, -9, 12)),
                "rigid + 8% larger": _motion((-10, 6, 0), (-5, 7, -10), 1.08)}
     for name, volume in sources:
         for label, motion in motions.items():

@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dashboard,eval,postgres,distributed,dev]'
+	$(BIN)/pip install --quiet -e '.[dashboard,eval,postgres,distributed,dev,raw]'
+	$(BIN)/pip install --quiet --no-deps deepbet==1.0.2 antspyx==0.6.3
 	touch $(STAMP)
 
 setup: system-packages $(STAMP)

@@ -37,12 +37,22 @@ class PreprocessConfig:
     skull_volume_ml: float = 2300.0
     min_brain_ml: float = 20.0
     contrast: str = "auto"  # t1, t2, flair, or auto: read from the file name (see anomaly.contrast)
+    skull_strip: str = "auto"  # auto (heads only), force, skip, or mask (the user's masks, --brain-mask)
+    skull_strip_size: int = 192  # cube (voxels) the extractor resamples the brain's bounding box to
+    register: str = "none"  # none, or mni: register to the MNI152 template before the model
+    register_transform: str = "affine"  # affine or deformable (affine + SyN)
 
     def __post_init__(self) -> None:
         try:
             object.__setattr__(self, "contrast", check_contrast_setting(self.contrast))
         except ValueError as exc:
             raise ConfigError(f"preprocess.{exc}") from exc
+        for key, allowed in (("skull_strip", ("auto", "force", "skip", "mask")), ("register", ("none", "mni")),
+                             ("register_transform", ("affine", "deformable"))):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"preprocess.{key} must be one of {', '.join(allowed)}, not {getattr(self, key)!r}")
+        if not 64 <= int(self.skull_strip_size) <= 512:
+            raise ConfigError(f"preprocess.skull_strip_size must lie in [64, 512], not {self.skull_strip_size}")
 
 
 @dataclass(frozen=True)
@@ -171,16 +181,21 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_scoring_settings(path: str | os.PathLike[str] | None = None, *, contrast: str | None = None,
-                          device: str = "cpu", **overrides: Any) -> ScoringSettings:
+                          preprocess: dict[str, Any] | None = None, device: str = "cpu",
+                          **overrides: Any) -> ScoringSettings:
     """Scoring settings from a YAML file (or the defaults), with keyword overrides applied on top
-    (``contrast`` overrides ``preprocess.contrast``); precision ``auto`` is resolved for ``device``."""
+    (``contrast`` overrides ``preprocess.contrast``; ``preprocess`` overrides any preprocessing keys);
+    precision ``auto`` is resolved for ``device``."""
     data = load_yaml(path) if path else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
     if data.get("precision", "auto") == "auto":
         data["precision"] = resolve_precision("auto", device)
+    extra = {k: v for k, v in (preprocess or {}).items() if v is not None}
     if contrast is not None:
-        preprocess = data.get("preprocess") or {}
-        if not isinstance(preprocess, dict):
+        extra["contrast"] = contrast
+    if extra:
+        section = data.get("preprocess") or {}
+        if not isinstance(section, dict):
             raise ConfigError("preprocess must be a mapping of settings")
-        data["preprocess"] = {**preprocess, "contrast": contrast}
+        data["preprocess"] = {**section, **extra}
     return from_dict(ScoringSettings, data)

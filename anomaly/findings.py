@@ -8,6 +8,7 @@ large faint region should not hide a small intense one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,12 +76,15 @@ def extract_findings(
     atlas: Atlas | None = None,
     in_mni: bool = False,
     max_findings: int | None = None,
+    to_atlas: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> list[Finding]:
     """Connected components of ``mask`` with volume >= ``min_volume_ml``, measured on ``score_map``.
 
     ``volume_ml = n_voxels * |det(affine[:3, :3])| / 1000``. Regions are looked up only when an
     ``atlas`` is given and ``in_mni`` is true (see :func:`anomaly.atlas.is_mni_space`); otherwise they
-    are ``None`` and ``note`` says why. ``max_findings`` keeps the best-ranked ones.
+    are ``None`` and ``note`` says why. ``max_findings`` keeps the best-ranked ones. ``to_atlas`` maps
+    world points of the scan (N x 3 mm) into the atlas's space (a registration to MNI152); reported
+    coordinates stay the scan's own.
     """
     scores = np.asarray(score_map)
     binary = np.asarray(mask, dtype=bool)
@@ -124,12 +128,13 @@ def extract_findings(
         centroid = _world(affine, centroids_ijk[i])
         region_centroid = region_majority = None
         if atlas is not None and objects is not None:
-            region_centroid = atlas.label_at(centroid)
+            lookup = to_atlas if to_atlas is not None else (lambda pts: pts)
+            region_centroid = atlas.label_at(lookup(np.asarray([centroid]))[0])
             box = objects[label - 1]
             voxels = np.argwhere(labels[box] == label) + np.array([s.start for s in box])
             if voxels.shape[0] > MAX_REGION_POINTS:
                 voxels = voxels[:: -(-voxels.shape[0] // MAX_REGION_POINTS)]
-            region_majority = atlas.majority_label(nib.affines.apply_affine(affine, voxels))
+            region_majority = atlas.majority_label(lookup(nib.affines.apply_affine(affine, voxels)))
         findings.append(Finding(
             rank=rank,
             n_voxels=n_vox,

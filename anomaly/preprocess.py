@@ -7,7 +7,10 @@ on that model grid is resampled onto the input's own shape and affine with MONAI
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +45,9 @@ class InputSpec:
 @dataclass
 class PreparedVolume:
     """A volume on the model grid: intensities in [0, max_value] (1 = upper brain percentile), brain mask, the axial
-    slices to score, and the contrast it is scored as (None when neither the settings nor its file name say)."""
+    slices to score, and the contrast it is scored as (None when neither the settings nor its file name say).
+    ``registration`` (an :class:`anomaly.registration.Registration`) is set when the model grid was cut from
+    the MNI152 template grid rather than from the input's; ``stages`` records what the stages before did."""
 
     image: np.ndarray
     mask: np.ndarray
@@ -54,6 +59,8 @@ class PreparedVolume:
     intensity_range: tuple[float, float]
     warnings: list[str] = field(default_factory=list)
     contrast: str | None = None
+    registration: Any = None
+    stages: dict[str, Any] = field(default_factory=dict)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -119,18 +126,27 @@ def _subsample(values: torch.Tensor, limit: int = 4_000_000) -> torch.Tensor:
     return values[::step]
 
 
-def prepare_volume(volume: Volume, config: PreprocessConfig, spec: InputSpec) -> PreparedVolume:
-    """Bring a validated volume onto the model grid (see module docstring)."""
+def prepare_volume(volume: Volume, config: PreprocessConfig, spec: InputSpec,
+                   brain_mask: np.ndarray | None = None) -> PreparedVolume:
+    """Bring a validated volume onto the model grid (see module docstring). With ``brain_mask`` (on the
+    volume's grid, e.g. from brain extraction) that mask is used instead of the foreground."""
     spacing = tuple(config.spacing or spec.spacing)
     size = int(config.slice_size or spec.slice_size)
     if size % spec.multiple_of:
         raise VolumeError(volume.path, f"slice size {size} is not a multiple of {spec.multiple_of}",
                           "choose a slice_size the model accepts")
-    img = MetaTensor(torch.as_tensor(volume.data, dtype=torch.float32)[None],
-                     affine=torch.as_tensor(volume.affine, dtype=torch.float64))
+    channels = [torch.as_tensor(volume.data, dtype=torch.float32)]
+    if brain_mask is not None:
+        channels = [channels[0] * torch.as_tensor(brain_mask, dtype=torch.float32),
+                    torch.as_tensor(brain_mask, dtype=torch.float32)]
+    img = MetaTensor(torch.stack(channels), affine=torch.as_tensor(volume.affine, dtype=torch.float64))
     img = Orientation(axcodes=config.orientation, labels=_LABELS)(img)
     img = Spacing(pixdim=spacing, mode="bilinear", padding_mode="zeros", dtype=np.float32)(img)
-    mask = BrainMask(config.mask_tolerance)(img)
+    if brain_mask is not None:
+        mask = torch.as_tensor(largest_component(img[1].as_tensor().numpy() > 0.5))[None]
+        img = img[:1] * mask
+    else:
+        mask = BrainMask(config.mask_tolerance)(img)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     brain_ml = float(mask.sum()) * voxel_ml
     warnings: list[str] = []
@@ -140,7 +156,8 @@ def prepare_volume(volume: Volume, config: PreprocessConfig, spec: InputSpec) ->
     if brain_ml > config.skull_volume_ml:
         warnings.append(
             f"foreground of {brain_ml:.0f} mL looks like a head with skull, not a skull-stripped brain; "
-            "anomaly maps assume skull-stripped input: strip the skull first (e.g. with HD-BET or SynthStrip)")
+            "anomaly maps assume skull-stripped input: score it with --skull-strip auto (or force), or give its "
+            "brain mask with --brain-mask")
     scale = ScaleInBrain(config.lower_percentile, config.upper_percentile, config.max_value)
     img = scale(img, mask)
     both = MetaTensor(torch.cat([img.as_tensor(), mask.float()]), affine=img.affine)
@@ -161,10 +178,52 @@ def prepare_volume(volume: Volume, config: PreprocessConfig, spec: InputSpec) ->
 
 
 def to_native(array: np.ndarray, prepared: PreparedVolume, mode: str = "bilinear") -> np.ndarray:
-    """Resample an array on the model grid onto the input's own shape and affine (zeros outside)."""
+    """Resample an array on the model grid onto the input's own shape and affine (zeros outside); through
+    the registration's inverse when the volume was registered."""
+    reg = prepared.registration
+    shape, affine = (reg.shape, reg.affine) if reg is not None else (prepared.native_shape, prepared.native_affine)
     src = MetaTensor(torch.as_tensor(np.asarray(array, dtype=np.float32))[None],
                      affine=torch.as_tensor(prepared.affine, dtype=torch.float64))
     out = SpatialResample(mode=mode, padding_mode="zeros", dtype=np.float32)(
-        src, dst_affine=torch.as_tensor(prepared.native_affine, dtype=torch.float64),
-        spatial_size=prepared.native_shape)
-    return np.asarray(out[0].as_tensor().numpy(), dtype=np.float32)
+        src, dst_affine=torch.as_tensor(affine, dtype=torch.float64), spatial_size=shape)
+    grid = np.asarray(out[0].as_tensor().numpy(), dtype=np.float32)
+    return reg.to_native(grid, mode) if reg is not None else grid
+
+
+def prepare_scan(volume: Volume, config: PreprocessConfig, spec: InputSpec,
+                 user_mask: str | os.PathLike[str] | None = None) -> PreparedVolume:
+    """The stages before the model for a raw scan: brain extraction (``config.skull_strip``, or the user's
+    mask), optional registration to MNI152 (``config.register``), then :func:`prepare_volume`. Each stage
+    records how to undo itself, so :func:`to_native` still lands on the input's own grid."""
+    from anomaly.brain_extraction import brain_mask_for
+
+    t0 = time.perf_counter()
+    result, head_ml = brain_mask_for(volume, config.skull_strip, head_ml=config.skull_volume_ml,
+                                     tolerance=config.mask_tolerance, size=config.skull_strip_size,
+                                     user_mask=user_mask)
+    stages: dict[str, Any] = {"skull_strip": result.method if result is not None else "none"}
+    if head_ml is not None:
+        stages["foreground_ml"] = round(head_ml, 1)
+    if result is not None:
+        stages["brain_mask_ml"] = round(result.volume_ml, 1)
+        stages["skull_strip_s"] = round(time.perf_counter() - t0, 3)
+    mask = result.mask if result is not None else None
+    if config.register == "none":
+        prepared = prepare_volume(volume, config, spec, brain_mask=mask)
+    else:
+        from anomaly.registration import register_to_mni
+
+        reg = register_to_mni(volume, mask, transform=config.register_transform)
+        data = volume.data if mask is None else np.where(mask, volume.data, 0)
+        warped = Volume(data=reg.to_template(data), affine=reg.affine, path=volume.path,
+                        source_dtype=volume.source_dtype, warnings=volume.warnings)
+        grid_mask = reg.to_template(mask.astype(np.float32), mode="nearest") > 0.5 if mask is not None else None
+        prepared = prepare_volume(warped, config, spec, brain_mask=grid_mask)
+        prepared.registration = reg
+        prepared.native_shape = volume.shape
+        prepared.native_affine = np.asarray(volume.affine, dtype=np.float64)
+        stages.update(register=f"mni-{reg.kind}", register_s=round(reg.seconds, 3))
+        if reg.overlap is not None:
+            stages["template_dice"] = round(reg.overlap, 4)
+    prepared.stages = stages
+    return prepared

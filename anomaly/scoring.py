@@ -3,6 +3,7 @@ and the scan score. Every step is configured by :class:`anomaly.config.ScoringSe
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -12,7 +13,7 @@ from scipy import ndimage
 
 from anomaly.config import PostprocessConfig, ScoreConfig, ScoringSettings
 from anomaly.models.base import SliceModel
-from anomaly.preprocess import PreparedVolume, prepare_volume, to_native
+from anomaly.preprocess import PreparedVolume, prepare_scan, to_native
 from anomaly.volume import Volume
 
 
@@ -131,11 +132,13 @@ def score_prepared(prepared: PreparedVolume, model: SliceModel, settings: Scorin
                     timings={"model_s": t1 - t0, "post_s": t2 - t1})
 
 
-def score_volume(volume: Volume, model: SliceModel, settings: ScoringSettings | None = None) -> ScanMaps:
-    """The whole data flow of one scan (see the design): preprocess, infer, post-process, back to native."""
+def score_volume(volume: Volume, model: SliceModel, settings: ScoringSettings | None = None,
+                 user_mask: str | os.PathLike[str] | None = None) -> ScanMaps:
+    """The whole data flow of one scan (see the design): brain extraction and registration when the
+    settings ask for them, preprocess, infer, post-process, back to native."""
     settings = settings or ScoringSettings()
     t0 = time.perf_counter()
-    prepared = prepare_volume(volume, settings.preprocess, model.input_spec)
+    prepared = prepare_scan(volume, settings.preprocess, model.input_spec, user_mask=user_mask)
     t1 = time.perf_counter()
     maps = score_prepared(prepared, model, settings)
     maps.timings = {"prepare_s": t1 - t0, **maps.timings, "total_s": time.perf_counter() - t0}

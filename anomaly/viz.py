@@ -312,6 +312,10 @@ class OverlayStyle:
     opacity: float = 0.6
 
 
+BRAIN_COLOR: Color = (255, 170, 0)
+"""Outline colour of the brain mask (the findings mask is cyan, the crosshair green)."""
+
+
 def render_plane(
     base: CanonicalVolume,
     plane: str,
@@ -324,12 +328,15 @@ def render_plane(
     crosshair: Sequence[int] | None = None,
     target: int = 320,
     crosshair_color: Color = (0, 255, 0),
+    brain: CanonicalVolume | None = None,
+    brain_color: Color = BRAIN_COLOR,
 ) -> np.ndarray:
-    """One plane of ``base`` with window/level, an optional thresholded overlay, an optional mask
-    outline and a crosshair at the canonical voxel ``crosshair``, resized for display (RGB uint8)."""
+    """One plane of ``base`` with window/level, an optional thresholded overlay, optional outlines of the
+    brain mask scoring used (``brain``) and of a findings mask, and a crosshair at the canonical voxel
+    ``crosshair``, resized for display (RGB uint8)."""
     picture = extract_slice(base.data, plane, index)
     rgb = gray_to_rgb(apply_window(picture, *window))
-    for other, what in ((overlay_map, "anomaly map"), (mask, "mask")):
+    for other, what in ((overlay_map, "anomaly map"), (mask, "mask"), (brain, "brain mask")):
         if other is not None and other.shape != base.shape:
             raise ValueError(
                 f"render_plane: {what} shape {other.shape} differs from the image shape {base.shape}"
@@ -345,6 +352,8 @@ def render_plane(
         )
     size = display_size(picture.shape[0], picture.shape[1], pixel_spacing(base.spacing, plane), target)
     out = resize_nearest(rgb, size)
+    if brain is not None:
+        out = outline(out, resize_nearest(extract_slice(brain.data, plane, index) > 0, size), color=brain_color)
     if mask is not None:
         out = outline(out, resize_nearest(extract_slice(mask.data, plane, index) > 0, size))
     if crosshair is not None:

@@ -9,9 +9,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from anomaly.outputs import sibling
 from anomaly.volume import is_nifti_path
 
-OUTPUT_KINDS: tuple[str, ...] = ("map", "recon", "mask")
+OUTPUT_KINDS: tuple[str, ...] = ("map", "recon", "mask", "brain")
 """Files a scoring run writes into its output folder."""
 
 RECORDED_KINDS: tuple[str, ...] = ("input", "label")
@@ -75,6 +76,12 @@ def recorded_path(result: Any, kind: str) -> str | None:
         details = getattr(result, "details", None) or {}
         value = details.get(LABEL_KEY) if isinstance(details, dict) else None
         return str(value) if value else None
+    if kind == "brain":  # the brain mask scoring used, written beside the map
+        map_path = getattr(result, "map_path", None)
+        try:
+            return str(sibling(map_path, "brain")) if map_path else None
+        except ValueError:
+            return None
     if kind not in _ATTRIBUTE:
         raise ValueError(f"unknown file kind {kind!r}; use one of {OUTPUT_KINDS + RECORDED_KINDS}")
     value = getattr(result, _ATTRIBUTE[kind], None)

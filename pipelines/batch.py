@@ -241,7 +241,8 @@ def calibration_settings_problem(cal: Any, settings_hash: str, settings: dict[st
     stored = (cal.data or {}).get("settings") if isinstance(cal.data, dict) else None
     detail = ""
     if isinstance(stored, dict) and settings is not None:
-        old, new = _flat(stored), _flat(settings)
+        # a setting added after the calibration was made counts as its default (what scoring did then)
+        old, new = {**_flat(ScoringSettings().to_dict()), **_flat(stored)}, _flat(settings)
         changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
                    if k not in MAP_NEUTRAL_SETTINGS and old.get(k) != new.get(k)]
         if not changed:
@@ -287,14 +288,16 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
                 progress: bool = True, atlas: Any = None,
                 on_outcome: Callable[[ScanOutcome], None] | None = None,
                 force_calibration: bool = False, patient_salt: bytes | None = None,
-                items: Sequence[InputItem] | None = None, max_bytes: int | None = None) -> BatchSummary:
+                items: Sequence[InputItem] | None = None, max_bytes: int | None = None,
+                brain_mask: str | os.PathLike[str] | None = None) -> BatchSummary:
     """Score every input into ``out_dir`` and ``store``; returns the per-file rows written to the CSV.
 
     Inputs are NIfTI files, folders (NIfTI files and DICOM series found in them) and zip archives of
     DICOM files; ``items`` replaces that search (a BIDS reader gives its images with their names).
     Each scan's output stem is claimed in the store before scoring (see :mod:`anomaly.outputs`), so
     no map is ever overwritten by another scan or run. ``max_bytes`` is the memory budget of one volume
-    (default: :func:`anomaly.volume.max_volume_bytes`)."""
+    (default: :func:`anomaly.volume.max_volume_bytes`). ``brain_mask``: the user's brain mask file, or
+    a folder of masks named like the scans."""
     started = time.perf_counter()
     settings = settings or ScoringSettings()
     executor = executor or LocalExecutor()
@@ -336,7 +339,8 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
         for item, preferred, digest in zip(items, stems, hashes, strict=True):
             task = ScanTask(path=item.path, stem=preferred, content_hash=digest, out_dir=out, series=item.series,
                             contrast=item.contrast, contrast_note=item.contrast_note, names=item.names,
-                            source=item.source, max_bytes=max_bytes)
+                            source=item.source, max_bytes=max_bytes,
+                            brain_mask=Path(brain_mask) if brain_mask is not None else None)
             where = item.series.where if item.series is not None else str(item.path)
             if digest in first_of:
                 rows.append(_row(task, "skipped", run_id, applied,

@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from anomaly.brain_extraction import StageUnavailable, find_user_mask
 from anomaly.config import ScoringSettings
 from anomaly.io.dicom import DicomSeries, load_series
 from anomaly.models.base import SliceModel
 from anomaly.outputs import output_path
-from anomaly.preprocess import PreparedVolume, prepare_volume
+from anomaly.preprocess import PreparedVolume, prepare_scan
 from anomaly.scoring import ScanMaps, score_prepared
 from anomaly.volume import Volume, VolumeError, load_volume, max_volume_bytes, save_nifti
 
@@ -29,7 +30,8 @@ from anomaly.volume import Volume, VolumeError, load_volume, max_volume_bytes, s
 class ScanTask:
     """One input and where its outputs go in ``out_dir`` (names in :mod:`anomaly.outputs`, or the
     BIDS derivative names in ``names``). An input is a NIfTI file, or a DICOM ``series``; ``contrast``
-    is what the source says (series parameters, BIDS suffix), with ``contrast_note`` saying why."""
+    is what the source says (series parameters, BIDS suffix), with ``contrast_note`` saying why;
+    ``brain_mask`` is the user's mask file or folder of masks named like the scans (``--brain-mask``)."""
 
     path: Path
     stem: str
@@ -41,6 +43,7 @@ class ScanTask:
     names: tuple[tuple[str, str], ...] = ()
     source: tuple[tuple[str, Any], ...] = ()
     max_bytes: int | None = None  # memory budget of the volume (None: anomaly.volume.max_volume_bytes())
+    brain_mask: Path | None = None
 
     def output(self, kind: str) -> Path:
         for name_kind, relative in self.names:
@@ -101,12 +104,15 @@ def load_and_prepare(task: ScanTask, model: SliceModel, settings: ScoringSetting
     try:
         volume = load_series(task.series) if task.series is not None else load_volume(task.path, max_bytes=task.max_bytes)
         check_model_grid(volume, settings, model, task.max_bytes)
-        prepared = prepare_volume(volume, settings.preprocess, model.input_spec)
+        user_mask = find_user_mask(task.brain_mask, task.path) if task.brain_mask is not None else None
+        prepared = prepare_scan(volume, settings.preprocess, model.input_spec, user_mask=user_mask)
         if settings.preprocess.contrast == "auto" and (task.series is not None or task.contrast is not None):
             prepared.contrast = task.contrast
         return Loaded(task, volume, prepared, seconds=time.perf_counter() - t0)
     except VolumeError as exc:
         return Loaded(task, error=str(exc), seconds=time.perf_counter() - t0)
+    except StageUnavailable as exc:
+        return Loaded(task, error=f"{task.path}: {exc}", seconds=time.perf_counter() - t0)
     except MemoryError:
         return Loaded(task, error=f"{task.path}: out of memory while reading; score it alone or on a larger machine",
                       seconds=time.perf_counter() - t0)
@@ -157,7 +163,7 @@ def finish_scan(loaded: Loaded, model: SliceModel, settings: ScoringSettings,
                            "timings": {"prepare_s": loaded.seconds, **maps.timings},
                            "brain_volume_ml": loaded.prepared.brain_volume_ml,
                            "n_slices": int(len(loaded.prepared.slices)),
-                           "contrast": loaded.prepared.contrast}
+                           "contrast": loaded.prepared.contrast, **loaded.prepared.stages}
         if task.contrast_note and settings.preprocess.contrast == "auto":
             outcome.details["contrast_source"] = task.contrast_note
         outcome.map_path = str(save_nifti(maps.anomaly, volume.affine, task.output("anomaly")))
@@ -206,12 +212,16 @@ def _apply_calibration(outcome: ScanOutcome, maps: ScanMaps, volume: Volume,
     if calibration.scan_threshold is not None:
         outcome.flagged = bool(outcome.score is not None and outcome.score >= calibration.scan_threshold)
     in_mni = False
-    if atlas is not None:
+    registration = maps.prepared.registration
+    if atlas is not None and registration is not None:
+        in_mni = True
+    elif atlas is not None:
         from anomaly.atlas import is_mni_space
 
         in_mni = bool(is_mni_space(maps.brain_mask, volume.affine))
     findings = extract_findings(maps.anomaly, mask, volume.affine, min_volume_ml=calibration.min_volume_ml,
-                                atlas=atlas, in_mni=in_mni)
+                                atlas=atlas, in_mni=in_mni,
+                                to_atlas=registration.native_to_template_points if registration is not None else None)
     outcome.findings = [f.to_dict() for f in findings]
     outcome.details["calibration"] = {"name": calibration.name, "voxel_threshold": calibration.voxel_threshold,
                                       "scan_threshold": calibration.scan_threshold, "in_mni": in_mni}

@@ -191,6 +191,27 @@ def test_viewer_opens_the_top_scan_with_the_calibrated_threshold(filled: FilledD
     assert at.slider(key="vw_window").value > 10.0
 
 
+def test_viewer_outlines_the_brain_mask_written_beside_the_map(filled: FilledDB) -> None:
+    from anomaly.store import get_result_detail
+    from anomaly.viz import BRAIN_COLOR, render_plane
+    from dashboard.views.viewer import SHOW_BRAIN, load_scan
+
+    at = app(page="viewer", run=filled.run_id)
+    no_errors(at)
+    assert at.toggle(key=SHOW_BRAIN).value is True  # on by default
+    at.toggle(key=SHOW_BRAIN).set_value(False).run()
+    no_errors(at)
+    store = open_store(filled.url)
+    with store.session() as s:
+        detail = get_result_detail(s, filled.ok_ids[0])
+    store.close()
+    vols = load_scan(detail, with_brain=True)
+    assert vols.brain is not None and vols.brain.volume.shape == vols.map.volume.shape
+    assert load_scan(detail).brain is None
+    picture = render_plane(vols.input.volume, "axial", 24, window=vols.input.window, brain=vols.brain.volume)
+    assert (picture == np.array(BRAIN_COLOR, np.uint8)).all(axis=-1).sum() > 50
+
+
 def test_viewer_refuses_a_map_outside_the_run_folder(filled: FilledDB) -> None:
     at = app(page="viewer", run=filled.other_run_id)
     assert not at.exception

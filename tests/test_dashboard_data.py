@@ -123,6 +123,7 @@ def build_filled_db(root: Path, n_ok: int = 4, shape: tuple[int, int, int] = (48
             recon_path = _save(out_dir / f"{name}_recon.nii.gz", recon, affine)
             mask = residual >= VOXEL_THRESHOLD
             mask_path = _save(out_dir / f"{name}_mask.nii.gz", mask, affine, np.uint8)
+            _save(out_dir / f"{name}_brain.nii.gz", image > 30, affine, np.uint8)
             details: dict[str, object] = {"warnings": []}
             if i < 2:
                 details["label_path"] = str(

@@ -139,6 +139,23 @@ def test_render_plane_respects_voxel_size_and_puts_the_crosshair_on_the_voxel() 
     assert rgb[row, 0].tolist() == [0, 255, 0] and rgb[0, col].tolist() == [0, 255, 0]
 
 
+def test_render_plane_outlines_the_brain_mask_in_its_own_colour() -> None:
+    data = np.zeros((20, 20, 5), dtype=np.float32)
+    data[4:16, 4:16] = 50.0
+    brain = np.zeros_like(data)
+    brain[5:15, 5:15] = 1
+    canon = viz.to_canonical(data, np.eye(4))
+    rgb = viz.render_plane(canon, "axial", 2, window=(0.0, 100.0), brain=viz.to_canonical(brain, np.eye(4)),
+                           target=20)
+    orange = (rgb == np.array(viz.BRAIN_COLOR, np.uint8)).all(axis=-1)
+    assert orange.sum() == 36  # the 10 x 10 square's border, and nothing else
+    assert not orange[10, 10]
+    plain = viz.render_plane(canon, "axial", 2, window=(0.0, 100.0), target=20)
+    assert not (plain == np.array(viz.BRAIN_COLOR, np.uint8)).all(axis=-1).any()
+    with pytest.raises(ValueError, match="brain mask shape"):
+        viz.render_plane(canon, "axial", 2, window=(0.0, 1.0), brain=viz.to_canonical(np.zeros((4, 4, 4)), np.eye(4)))
+
+
 def test_render_plane_refuses_a_map_on_another_grid() -> None:
     canon = viz.to_canonical(np.zeros((4, 4, 4)), np.eye(4))
     other = viz.to_canonical(np.zeros((4, 4, 5)), np.eye(4))

@@ -42,7 +42,7 @@ X, Y, Z = "vw_x", "vw_y", "vw_z"
 AXIS_KEYS = (X, Y, Z)
 WINDOW, LEVEL = "vw_window", "vw_level"
 THRESHOLD, CMAP, OPACITY = "vw_threshold", "vw_cmap", "vw_opacity"
-SHOW_OVERLAY, SHOW_MASK = "vw_overlay", "vw_mask_outline"
+SHOW_OVERLAY, SHOW_MASK, SHOW_BRAIN = "vw_overlay", "vw_mask_outline", "vw_brain_outline"
 KEEP_THRESHOLD = "vw_keep_threshold"
 JUMP, PLANE = "vw_jump", "vw_plane"
 SHOW_3D, LAYOUT_3D = "vw_3d", "vw_3d_layout"
@@ -74,6 +74,7 @@ VIEW_DEFAULTS: dict[str, Any] = {
     OPACITY: 0.6,
     SHOW_OVERLAY: True,
     SHOW_MASK: False,
+    SHOW_BRAIN: True,
     KEEP_THRESHOLD: False,
     PLANE: "axial",
     SHOW_3D: False,
@@ -89,6 +90,7 @@ class ScanVolumes:
     map: LoadedVolume | None = None
     recon: LoadedVolume | None = None
     mask: LoadedVolume | None = None
+    brain: LoadedVolume | None = None
     sources: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
@@ -98,18 +100,19 @@ class ScanVolumes:
         return self.map or self.input or self.recon
 
 
-def load_scan(detail: ResultDetail, with_mask: bool = False) -> ScanVolumes:
-    """Open the result's recorded files through the path checks (in parallel; the stored mask only when
-    its outline is asked for); every refusal or failure is kept as a message."""
+def load_scan(detail: ResultDetail, with_mask: bool = False, with_brain: bool = False) -> ScanVolumes:
+    """Open the result's recorded files through the path checks (in parallel; the stored mask and the
+    brain mask only when their outlines are asked for); every refusal or failure is kept as a message."""
     out = ScanVolumes()
     wanted: list[tuple[str, Path]] = []
-    for kind in ("map", "input", "recon", "mask") if with_mask else ("map", "input", "recon"):
+    kinds = ["map", "input", "recon"] + (["mask"] if with_mask else []) + (["brain"] if with_brain else [])
+    for kind in kinds:
         try:
             path = result_file(detail.result, detail.out_dir, kind)
         except UnsafePathError as exc:
             out.problems.append(str(exc))
             continue
-        if path is not None:
+        if path is not None and (kind != "brain" or path.is_file()):  # runs may predate brain masks
             wanted.append((kind, path))
     for (kind, path), loaded in zip(wanted, load_many([p for _, p in wanted]), strict=True):
         if isinstance(loaded, VolumeLoadError):
@@ -137,7 +140,7 @@ def prefetch_next(store: Store, result_id: int | None) -> None:
     if upcoming is None or upcoming.result.status != "ok":
         return
     paths = []
-    for kind in ("map", "input", "recon"):
+    for kind in ("map", "input", "recon", "brain"):
         try:
             path = result_file(upcoming.result, upcoming.out_dir, kind)
         except UnsafePathError:
@@ -283,7 +286,7 @@ def toolbar(detail: ResultDetail, vols: ScanVolumes, targets: dict[str, Any]) ->
 
 
 def display_settings(vols: ScanVolumes, has_mask: bool) -> None:
-    """Window/level of the input and the stored-mask outline, in a collapsed section."""
+    """Window/level of the input, the brain-mask outline and the stored-mask outline, in a collapsed section."""
     if vols.input is None and not has_mask:
         return
     with st.expander("Window / level and mask outline"):
@@ -302,6 +305,12 @@ def display_settings(vols: ScanVolumes, has_mask: bool) -> None:
                 args=(vols.input.window,),
                 help="Back to the 1st-99.5th percentile window.",
             )
+        st.toggle(
+            "Outline the brain mask",
+            key=SHOW_BRAIN,
+            help="The brain mask scoring used (<name>_brain.nii.gz: brain extraction or the given mask, eroded "
+                 "by the scoring rim), in orange.",
+        )
         if has_mask:
             st.toggle(
                 "Outline the stored calibrated mask",
@@ -352,6 +361,7 @@ def planes(vols: ScanVolumes) -> None:
                 overlay_map=vols.map.volume if style is not None and vols.map else None,
                 style=style,
                 mask=vols.mask.volume if vols.mask and ss.get(SHOW_MASK) else None,
+                brain=vols.brain.volume if vols.brain and ss.get(SHOW_BRAIN) else None,
                 crosshair=position,
                 target=IMAGE_SIZE,
             )
@@ -614,7 +624,8 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
         prev_id, next_id = neighbours(s, run.run_id, detail.result.id, chosen.order, **stepping)
     header(detail, prev_id, next_id, store, run.run_id)
 
-    vols = load_scan(detail, bool(ss.get(SHOW_MASK))) if detail.result.status == "ok" else ScanVolumes()
+    vols = (load_scan(detail, bool(ss.get(SHOW_MASK)), bool(ss.get(SHOW_BRAIN)))
+            if detail.result.status == "ok" else ScanVolumes())
     targets = jump_targets(detail, vols)
     if ss.get(LOADED) != detail.result.id:
         init_scan(detail, vols, targets)

@@ -11,8 +11,10 @@ from pipelines.commands.common import (
     add_contrast_option,
     add_db_option,
     add_model_option,
+    add_raw_input_options,
     check_out_dir,
     new_parser,
+    raw_input_settings,
     store_from,
 )
 
@@ -47,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
                    help="model arithmetic (auto: bf16 where the CPU has native bf16 units); score later with the same")
     add_contrast_option(p)
+    add_raw_input_options(p)
     p.add_argument("--batch-size", type=int, help="slices per model call (speed only)")
     p.add_argument("--min-volume-ml", type=float, default=0.05,
                    help="smallest finding kept when the calibration is applied (default 0.05 mL)")
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.calibrate import CalibrateError, CalibrationError, run_calibration
 
     settings = load_scoring_settings(args.config, precision=args.precision, batch_size=args.batch_size,
-                                     contrast=args.contrast,
+                                     contrast=args.contrast, preprocess=raw_input_settings(args),
                                      save_reconstruction=False)
     if args.out:
         check_out_dir(args.out)
@@ -115,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                                   scan_target_fpr=args.scan_target_fpr, labels_dir=args.labels,
                                   healthy_without_labels=args.healthy_without_labels, out_dir=args.out,
                                   min_volume_ml=args.min_volume_ml, n_bootstrap=args.bootstrap, seed=args.seed,
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, brain_mask=args.brain_mask)
     except (CalibrateError, CalibrationError, VolumeError) as exc:
         raise UserError(f"calibration refused: {str(exc).replace('n_bootstrap=0', '--bootstrap 0')}") from exc
     finally:
@@ -149,5 +152,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"apply with: anomaly score INPUT... --out DIR --model {args.model} --calibration {outcome.ref}"
           + (f" --db {args.db}" if args.db else "")
           + (f" --config {args.config}" if args.config else "")
-          + (f" --precision {args.precision}" if args.precision else ""))
+          + (f" --precision {args.precision}" if args.precision else "")
+          + "".join(f" --{flag.replace('_', '-')} {getattr(args, flag)}" for flag in
+                    ("skull_strip", "register", "register_transform") if getattr(args, flag, None))
+          + (" --brain-mask MASKS" if args.brain_mask else ""))
     return 0

@@ -81,3 +81,30 @@ def add_contrast_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contrast", choices=("auto", "t1", "t2", "flair"),
                    help="contrast of the scans (default auto: read from file names such as *_T1w, t2, flair; "
                         "scans whose name says none count all brightness as on T2/FLAIR)")
+
+
+def add_raw_input_options(p: argparse.ArgumentParser) -> None:
+    """Brain extraction and registration of raw heads (``--skull-strip``, ``--brain-mask``, ``--register``)."""
+    p.add_argument("--skull-strip", choices=("auto", "force", "skip"),
+                   help="brain extraction (deepbet) before the model: auto (default) strips volumes that look like "
+                        "a head with skull, force strips every scan, skip never; the mask used is written as "
+                        "<name>_brain.nii.gz")
+    p.add_argument("--brain-mask", metavar="FILE|FOLDER",
+                   help="use your own brain masks: one mask file, or a folder of masks named like the scans "
+                        "(<name>.nii.gz, <name>_mask.nii.gz, <name>_brain_mask.nii.gz ...) on the scans' grids")
+    p.add_argument("--register", choices=("none", "mni"),
+                   help="mni: register each scan to the MNI152 template (ANTsPy) before the model; maps still come "
+                        "back on the input grid and findings get atlas regions (default none)")
+    p.add_argument("--register-transform", choices=("affine", "deformable"),
+                   help="with --register mni: affine (default) or deformable (affine + SyN, slower)")
+
+
+def raw_input_settings(args: argparse.Namespace) -> dict[str, str | None]:
+    """The preprocessing overrides the raw-input options ask for (``mask`` when --brain-mask is given)."""
+    skull = getattr(args, "skull_strip", None)
+    if getattr(args, "brain_mask", None):
+        if skull not in (None, "auto"):
+            raise UserError(f"--brain-mask and --skull-strip {skull} exclude each other: the given masks are used")
+        skull = "mask"
+    return {"skull_strip": skull, "register": getattr(args, "register", None),
+            "register_transform": getattr(args, "register_transform", None)}

@@ -10,7 +10,9 @@ from pipelines.commands.common import (
     add_contrast_option,
     add_db_option,
     add_model_option,
+    add_raw_input_options,
     new_parser,
+    raw_input_settings,
     store_from,
 )
 
@@ -21,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "settings. Each DICOM series in a folder or zip archive is one scan, named "
                    "<folder>_s<series number>_<description>; its contrast is read from the series.",
                    "anomaly score data/sample --out results/demo --csv results/demo/scores.csv\n"
-                   "  anomaly score /pacs/export/study42 study43.zip --out results/pacs --model intensity")
+                   "  anomaly score /pacs/export/study42 study43.zip --out results/pacs --model intensity\n"
+                   "  anomaly score raw_heads/ --out results/raw --skull-strip auto --register mni --calibration demo")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="NIfTI files, DICOM folders, zip archives of DICOM files, or folders of them (searched "
                         "recursively)")
@@ -38,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="model arithmetic: auto (the default) is bf16 autocast where the device has native bf16 "
                         "units (about 3x faster, maps within 0.005 AUPRC of fp32) and fp32 elsewhere")
     add_contrast_option(p)
+    add_raw_input_options(p)
     p.add_argument("--batch-size", type=int, help="slices per model call")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
     p.add_argument("--no-recon", action="store_true", help="do not write <name>_recon.nii.gz")
@@ -90,10 +94,13 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     settings = load_scoring_settings(args.config, precision=args.precision, batch_size=args.batch_size,
-                                     contrast=args.contrast, device=device,
+                                     contrast=args.contrast, device=device, preprocess=raw_input_settings(args),
                                      save_reconstruction=False if args.no_recon else None)
     model = load_model(args.model, precision=settings.precision, device=device)
     atlas = None
+    if settings.preprocess.register != "none" and not args.calibration:
+        print("note: --register mni names finding regions only with --calibration (findings need a threshold)",
+              file=sys.stderr)
     if args.calibration and args.atlas != "none":
         from anomaly.atlas import load_atlas
 
@@ -108,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         summary = score_batch(args.inputs, args.out, model, store, settings, calibration=args.calibration,
                               force_calibration=args.force_calibration, executor=make_executor(args),
                               csv_path=args.csv, progress=not args.quiet, atlas=atlas,
-                              patient_salt=patient_salt(), max_bytes=max_bytes)
+                              patient_salt=patient_salt(), max_bytes=max_bytes, brain_mask=args.brain_mask)
     finally:
         store.close()
     ok, failed, skipped = summary.count("ok"), summary.count("failed"), summary.count("skipped")

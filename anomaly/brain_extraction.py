@@ -1,0 +1,212 @@
+"""Brain extraction of heads with skull, on the scan's own grid, and the user's own brain masks.
+
+The extractor is deepbet (MIT; its two 3D networks ship inside its PyPI wheel, so nothing is
+downloaded at run time). The volume is only reoriented (flips and axis swaps, no resampling) for the
+networks, so the mask comes back on exactly the input's voxels. A mask that is no plausible brain
+(volume, extent) is refused with a message that says what to do instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import importlib.metadata
+import os
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from anomaly.volume import NIFTI_SUFFIXES, Volume, VolumeError, load_mask, scan_name
+
+SKULL_STRIP_MODES = ("auto", "force", "skip", "mask")
+"""``auto``: strip when the volume looks like a head; ``force``: always; ``skip``: never;
+``mask``: the user's own masks (``--brain-mask``)."""
+
+MIN_BRAIN_ML = 600.0
+MAX_BRAIN_ML = 2400.0
+MIN_EXTENT_MM = 70.0
+MAX_EXTENT_MM = 230.0
+HEAD_PROBE_MM = 2.0
+_WEIGHT_FILES = ("model.pt", "bbox_model.pt")
+_LOCK = threading.Lock()
+"""deepbet keeps the last bounding box on its object between its two steps: one scan at a time."""
+_INSTALL_HINT = ("install it with `pip install --no-deps deepbet==1.0.2` and `pip install connected-components-3d "
+                 "fill_voids` (as `make setup` does)")
+
+
+class StageUnavailable(RuntimeError):
+    """A preprocessing stage whose package is not installed or not the expected one; says what to install."""
+
+
+@dataclass(frozen=True)
+class BrainMaskResult:
+    """A brain mask on the volume's own grid, how it was made and what it cost."""
+
+    mask: np.ndarray
+    method: str
+    volume_ml: float
+    seconds: float
+
+
+def foreground_ml(volume: Volume, tolerance: float = 0.01) -> float:
+    """Volume (mL) of the largest non-background component, probed on a ~2 mm subgrid: a head with
+    skull and scalp is far larger than any brain, which is how ``auto`` recognises one."""
+    from anomaly.preprocess import BrainMask
+
+    step = [max(1, int(round(HEAD_PROBE_MM / s))) for s in volume.spacing]
+    probe = np.ascontiguousarray(volume.data[::step[0], ::step[1], ::step[2]], dtype=np.float32)
+    import torch
+
+    mask = BrainMask(tolerance)(torch.from_numpy(probe)[None])
+    return float(mask.sum()) * volume.voxel_volume_ml * float(np.prod(step))
+
+
+def check_plausible_brain(mask: np.ndarray, volume: Volume, method: str) -> None:
+    """Refuse a mask whose volume or extent no adult brain has (the extractor failed on this scan)."""
+    ml = float(mask.sum()) * volume.voxel_volume_ml
+    extent = _extent_mm(mask, volume.affine)
+    if MIN_BRAIN_ML <= ml <= MAX_BRAIN_ML and all(MIN_EXTENT_MM <= e <= MAX_EXTENT_MM for e in extent):
+        return
+    raise VolumeError(
+        volume.path,
+        f"brain extraction ({method}) found no plausible brain: {ml:.0f} mL, extent "
+        f"{' x '.join(f'{e:.0f}' for e in extent)} mm (expected {MIN_BRAIN_ML:.0f}-{MAX_BRAIN_ML:.0f} mL, "
+        f"{MIN_EXTENT_MM:.0f}-{MAX_EXTENT_MM:.0f} mm per axis)",
+        "give this scan's brain mask with --brain-mask, or strip it with another tool and score it with "
+        "--skull-strip skip")
+
+
+def _extent_mm(mask: np.ndarray, affine: np.ndarray) -> tuple[float, float, float]:
+    """Extent of the mask along the world axes (mm), from its voxel corners."""
+    idx = np.argwhere(mask)
+    if idx.size == 0:
+        return (0.0, 0.0, 0.0)
+    lo, hi = idx.min(axis=0), idx.max(axis=0)
+    corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])], float)
+    world = nib.affines.apply_affine(affine, corners)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    return tuple(float(v) for v in world.max(axis=0) - world.min(axis=0) + spacing.min())  # type: ignore[return-value]
+
+
+KNOWN_WEIGHTS = {
+    "model.pt": "de8ee7c69654d0dd3935dc4a5d84571d8ecf4637a6bfc01df399c4c2bc86e0fd",
+    "bbox_model.pt": "39a7b2b5f799faa1391ea97bfcdc0b9299f20d84f2316a4ff8918dc4685e40aa",
+}
+"""SHA-256 of the networks of deepbet 1.0.2, the ones measured in the README."""
+
+
+def _record_hashes(dist: str) -> dict[str, str]:
+    """SHA-256 (hex) of the weight files as the installed wheel's RECORD lists them."""
+    out: dict[str, str] = {}
+    for entry in importlib.metadata.files(dist) or []:
+        if entry.name in _WEIGHT_FILES and entry.hash is not None and entry.hash.mode == "sha256":
+            out[entry.name] = base64.urlsafe_b64decode(entry.hash.value + "=" * (-len(entry.hash.value) % 4)).hex()
+    return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _extractor() -> object:
+    """deepbet's networks, loaded once per process after checking them against the wheel's RECORD.
+
+    They are TorchScript archives, which ``torch.load(weights_only=True)`` refuses; ``torch.jit.load``
+    reads TorchScript code and tensors, not arbitrary pickled Python, and the hash checks make sure the
+    files are those the installed wheel lists and those of deepbet 1.0.2, the version measured here."""
+    try:
+        import torch
+        from deepbet import BrainExtraction
+        from deepbet.utils import DATA_PATH
+    except ImportError as exc:
+        raise StageUnavailable(f"brain extraction needs the deepbet package ({exc}); {_INSTALL_HINT}") from exc
+    recorded = _record_hashes("deepbet")
+    for name in _WEIGHT_FILES:
+        path = Path(DATA_PATH) / "models" / name
+        digest = _sha256(path) if path.is_file() else None
+        if digest is None or digest != recorded.get(name):
+            raise StageUnavailable(f"deepbet weights {path} are missing or differ from its installed wheel; "
+                               f"{_INSTALL_HINT}")
+        if digest != KNOWN_WEIGHTS[name]:
+            raise StageUnavailable(f"deepbet weights {path} are not those of deepbet 1.0.2, the version measured "
+                               f"for this project; {_INSTALL_HINT}")
+    with warnings.catch_warnings():  # torch 2.13 marks torch.jit.load deprecated; the archives still load
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return BrainExtraction(no_gpu=not torch.cuda.is_available())
+
+
+def strip_skull(volume: Volume, *, size: int = 192, threshold: float = 0.5, check: bool = True) -> BrainMaskResult:
+    """Brain mask of a head with skull, on the volume's own grid (a library entry point the training
+    pipeline can use to strip healthy heads too). ``size`` is the cube (voxels) the brain's bounding box
+    is resampled to for the network (deepbet's own is 256; 192 measures the same Dice at half the time)."""
+    import torch
+
+    t0 = time.perf_counter()
+    bet = _extractor()
+    ornt = nib.io_orientation(volume.affine)
+    canonical = nib.apply_orientation(np.asarray(volume.data, dtype=np.float32), ornt)
+    try:
+        with _LOCK, torch.inference_mode():
+            prob = bet.run_model(np.ascontiguousarray(canonical), shape=(size, size, size))  # type: ignore[attr-defined]
+            mask = bet.postprocess(prob > threshold)  # type: ignore[attr-defined]
+    except (AssertionError, ValueError) as exc:  # deepbet asserts when it finds no head at all
+        raise VolumeError(volume.path, f"brain extraction (deepbet) found no brain: {exc or 'empty result'}",
+                          "check that the file holds a head MRI, or give its brain mask with --brain-mask") from exc
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), ornt)
+    native = np.ascontiguousarray(nib.apply_orientation(np.asarray(mask, dtype=bool), back))
+    if check:
+        check_plausible_brain(native, volume, "deepbet")
+    return BrainMaskResult(native, "deepbet", float(native.sum()) * volume.voxel_volume_ml,
+                           time.perf_counter() - t0)
+
+
+def find_user_mask(spec: str | os.PathLike[str], scan: Path) -> Path:
+    """The user's mask for ``scan``: ``spec`` itself when it is a file, else the file in folder ``spec``
+    named like the scan (``<name>``, ``<name>_mask``, ``<name>_brain``, ``<name>_brain_mask``, ``<name>_brainmask``)."""
+    spec = Path(spec)
+    if spec.is_file():
+        return spec
+    if not spec.is_dir():
+        raise VolumeError(spec, "brain mask file or folder not found", "check the --brain-mask path")
+    name = scan_name(scan)
+    for suffix in ("", "_mask", "_brain", "_brain_mask", "_brainmask", "_desc-brain_mask"):
+        for ext in NIFTI_SUFFIXES:
+            candidate = spec / f"{name}{suffix}{ext}"
+            if candidate.is_file():
+                return candidate
+    raise VolumeError(scan, f"no brain mask for this scan in {spec}",
+                      f"name it {name}_mask.nii.gz (or {name}.nii.gz) in that folder")
+
+
+def user_brain_mask(path: str | os.PathLike[str], volume: Volume) -> BrainMaskResult:
+    """A mask the user supplied, checked to lie on the scan's grid and to be a plausible brain."""
+    t0 = time.perf_counter()
+    mask = load_mask(path, like=volume)
+    check_plausible_brain(mask, volume, f"mask {path}")
+    return BrainMaskResult(mask, "user", float(mask.sum()) * volume.voxel_volume_ml, time.perf_counter() - t0)
+
+
+def brain_mask_for(volume: Volume, mode: str, *, head_ml: float, tolerance: float = 0.01, size: int = 192,
+                   user_mask: str | os.PathLike[str] | None = None) -> tuple[BrainMaskResult | None, float | None]:
+    """The brain-extraction stage: the user's mask, deepbet's mask, or None (the scan is taken as a
+    brain already). Also returns the probed foreground (mL) when it was measured."""
+    if mode not in SKULL_STRIP_MODES:
+        raise ValueError(f"skull_strip must be one of {', '.join(SKULL_STRIP_MODES)}, not {mode!r}")
+    if user_mask is not None:
+        return user_brain_mask(user_mask, volume), None
+    if mode == "mask":
+        raise VolumeError(volume.path, "skull_strip is 'mask' but no brain mask was given",
+                          "pass --brain-mask FILE|FOLDER")
+    if mode == "skip":
+        return None, None
+    fg = foreground_ml(volume, tolerance)
+    if mode == "auto" and fg <= head_ml:
+        return None, fg
+    return strip_skull(volume, size=size), fg

@@ -188,7 +188,7 @@ def load_scoring_settings(path: str | os.PathLike[str] | None = None, *, contras
     precision ``auto`` is resolved for ``device``."""
     data = load_yaml(path) if path else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
-    if data.get("precision", "auto") == "auto":
+    if data.get("precision") == "auto":
         data["precision"] = resolve_precision("auto", device)
     extra = {k: v for k, v in (preprocess or {}).items() if v is not None}
     if contrast is not None:

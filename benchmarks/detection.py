@@ -177,11 +177,12 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-colin", action="store_true")
+    parser.add_argument("--no-real", action="store_true", help="only Colin27 with synthetic lesions")
     parser.add_argument("--json", default=None, help="also write the figures as JSON here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    cases = real_cases(Path(args.data)) + ([] if args.no_colin else colin_cases())
+    cases = ([] if args.no_real else real_cases(Path(args.data))) + ([] if args.no_colin else colin_cases())
     settings = ScoringSettings(precision=args.precision)
     print(f"# detection benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "

@@ -41,7 +41,8 @@ def test_precision_auto_is_bf16_only_where_the_hardware_has_it(tmp_path) -> None
     expected = "bf16" if native_bf16("cpu") else "fp32"
     assert resolve_precision("auto") == expected and resolve_precision(None) == expected
     assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
-    assert load_scoring_settings().precision == expected  # the shipped default: auto
+    assert load_scoring_settings().precision == "fp32"  # the default stays fp32 (see the README)
+    assert load_scoring_settings(precision="auto").precision == expected
     assert ScoringSettings(precision="auto").precision == expected
     assert load_scoring_settings(precision="fp32").precision == "fp32"
     config = tmp_path / "s.yaml"

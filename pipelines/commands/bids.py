@@ -62,19 +62,12 @@ def run(args: argparse.Namespace) -> int:
     from anomaly.config import load_scoring_settings
     from anomaly.models import load_model
     from pipelines.bids_app import run_participant
-    from pipelines.commands.score import resolve_device
+    from pipelines.commands.score import optional_atlas, resolve_device
 
     settings = load_scoring_settings(args.config, precision=args.precision, batch_size=args.batch_size,
                                      contrast=args.contrast, save_reconstruction=False if args.no_recon else None)
     model = load_model(args.model, precision=settings.precision, device=resolve_device(args.device))
-    atlas = None
-    if args.calibration and args.atlas != "none":
-        from anomaly.atlas import load_atlas
-
-        try:
-            atlas = load_atlas(args.atlas)
-        except Exception as exc:  # noqa: BLE001 - regions are optional
-            print(f"note: atlas {args.atlas!r} unavailable ({exc}); findings will have no region", file=sys.stderr)
+    atlas = optional_atlas(args)
     store = store_from(args)
     try:
         summary = run_participant(args.bids_dir, args.output_dir, model, store, settings,

@@ -68,6 +68,20 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def optional_atlas(args: argparse.Namespace) -> object | None:
+    """The atlas that names finding regions (findings need --calibration), or None with a note when
+    it cannot be loaded: regions are optional, scoring goes on without them."""
+    if not args.calibration or args.atlas == "none":
+        return None
+    from anomaly.atlas import load_atlas
+
+    try:
+        return load_atlas(args.atlas)
+    except Exception as exc:  # noqa: BLE001 - regions are optional
+        print(f"note: atlas {args.atlas!r} unavailable ({exc}); findings will have no region", file=sys.stderr)
+        return None
+
+
 def make_executor(args: argparse.Namespace) -> object:
     if args.executor == "dask":
         from pipelines.dask_executor import DaskExecutor
@@ -98,17 +112,10 @@ def run(args: argparse.Namespace) -> int:
                                      contrast=args.contrast, device=device, preprocess=raw_input_settings(args),
                                      save_reconstruction=False if args.no_recon else None)
     model = load_model(args.model, precision=settings.precision, device=device)
-    atlas = None
     if settings.preprocess.register != "none" and not args.calibration:
         print("note: --register mni names finding regions only with --calibration (findings need a threshold)",
               file=sys.stderr)
-    if args.calibration and args.atlas != "none":
-        from anomaly.atlas import load_atlas
-
-        try:
-            atlas = load_atlas(args.atlas)
-        except Exception as exc:  # noqa: BLE001 - regions are optional
-            print(f"note: atlas {args.atlas!r} unavailable ({exc}); findings will have no region", file=sys.stderr)
+    atlas = optional_atlas(args)
     from pipelines.privacy import patient_salt
 
     store = store_from(args)

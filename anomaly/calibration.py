@@ -1,7 +1,9 @@
 """Thresholds as first-class objects: calibrated on healthy scans (target false-positive rate) or on
-labelled scans (best pooled Dice), with bootstrap confidence intervals, saved beside a model.
+labelled scans (best pooled Dice), with bootstrap confidence intervals, stored with the model, and
+applied by the :class:`Calibration` itself (mask, flag, findings) wherever a threshold is used.
 
-Threshold rule everywhere: a voxel (or scan) is positive when its score is ``>= threshold``.
+Threshold rule everywhere: a voxel (or scan) is positive when its score is ``>= threshold``
+(:func:`at_or_above`, exact for float32 maps).
 
 Healthy calibration, voxel level: with the ``N`` brain voxels of all healthy scans pooled and
 ``k = floor(target_fpr * N)`` exceedances allowed, the threshold is the smallest pooled value ``t``
@@ -22,112 +24,212 @@ any draw's threshold (proved in :func:`_tail_floor`), so each draw costs a pass 
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from anomaly.fileio import write_text_atomic
+from anomaly.atlas import Atlas
+from anomaly.configparse import ConfigError, build
+from anomaly.findings import Finding, drop_small_components, extract_findings
+from anomaly.jsonio import read_json, to_jsonable, write_json
 from anomaly.metrics import RankedScores, auroc, cast_thresholds
+from anomaly.records import DEFAULT_MIN_VOLUME_ML, AppliedCalibrationNote, CalibrationData
 
-METHODS = ("healthy-fpr", "labelled-dice")
+METHODS = ("healthy-fpr", "labelled-dice", "manual")
 MIN_VOXEL_EXCEEDANCES = 100
 MIN_BOOTSTRAP_SCANS = 2
 DEFAULT_SENSITIVITIES = (0.5, 0.8, 0.9, 0.95)
+MAP_NEUTRAL_SETTINGS = frozenset({"batch_size", "save_reconstruction"})
+"""Scoring settings that change speed or extra outputs, never the anomaly map a threshold applies to."""
 
 
 class CalibrationError(ValueError):
     """A calibration that cannot be done with the data given; the message says what to change."""
 
 
-@dataclass
-class CalibrationResult:
-    """A calibrated threshold pair and the evidence behind it, stored with the model it belongs to."""
+def at_or_above(values: np.ndarray | float, threshold: float) -> np.ndarray:
+    """The threshold rule, and the only place a score is compared with a calibrated threshold:
+    ``values >= threshold``, exact for float32 maps too (the threshold is never rounded down to float32,
+    so a float32 voxel of 0.7 is below a threshold of 0.7, as the true numbers are)."""
+    scores = np.asarray(values)
+    if scores.dtype.kind != "f":
+        scores = scores.astype(np.float64)
+    return np.asarray(scores >= cast_thresholds(np.asarray(threshold, dtype=np.float64), scores.dtype))
+
+
+class StoredCalibration(Protocol):
+    """What :meth:`Calibration.from_stored` reads from a stored calibration (the ORM row)."""
+
+    name: str
+    version: int
+    method: str
+    voxel_threshold: float
+    scan_threshold: float | None
+    target_fpr: float | None
+    settings_hash: str | None
+    data: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Applied:
+    """A calibration applied to one scan: the findings mask (thresholded inside the brain), the scan
+    flag (None without a scan threshold) and the findings (components of at least ``min_volume_ml``)."""
+
+    mask: np.ndarray
+    flagged: bool | None
+    findings: list[Finding]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibrated thresholds and what they apply to, as one object that applies itself.
+
+    ``voxel_threshold`` makes the findings mask, ``scan_threshold`` flags scans, ``min_volume_ml`` is the
+    smallest finding; ``settings_hash``/``settings`` fingerprint the scoring settings the calibration's
+    maps were made with (its thresholds hold only for maps made the same way); ``ref`` is
+    ``name@version`` once stored. Scoring, evaluation and the dashboard all apply thresholds through
+    :meth:`voxel_mask`, :meth:`flag` and :meth:`apply`, so a mask written by ``score`` is the mask
+    ``evaluate`` measures.
+    """
 
     method: str
     voxel_threshold: float
     scan_threshold: float | None = None
     target_fpr: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    min_volume_ml: float = DEFAULT_MIN_VOLUME_ML
+    settings_hash: str | None = None
+    settings: dict[str, Any] | None = None
+    ref: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise CalibrationError(f"calibration method {self.method!r} is unknown; use one of {METHODS}")
+        if not math.isfinite(float(self.voxel_threshold)):
+            raise CalibrationError(f"voxel threshold {self.voxel_threshold!r} is not a finite number")
+        if not (math.isfinite(float(self.min_volume_ml)) and self.min_volume_ml >= 0):
+            raise CalibrationError(f"min_volume_ml {self.min_volume_ml!r} must be a number >= 0 (mL)")
+
+    # ------------------------------------------------------------------------------------ applying
+
+    def voxel_mask(self, score_map: np.ndarray, brain_mask: np.ndarray | None = None) -> np.ndarray:
+        """Boolean findings mask: :func:`at_or_above` the voxel threshold, inside ``brain_mask`` (whole
+        volume when None)."""
+        out = at_or_above(score_map, self.voxel_threshold)
+        if brain_mask is not None:
+            mask = np.asarray(brain_mask, dtype=bool)
+            if mask.shape != out.shape:
+                raise ValueError(f"brain mask shape {mask.shape} differs from map shape {out.shape}")
+            out &= mask
+        return out
+
+    def flag(self, score: float | None) -> bool | None:
+        """Whether a scan score is at or above the scan threshold (None without one, or without a finite score)."""
+        if self.scan_threshold is None or score is None or not math.isfinite(float(score)):
+            return None
+        return bool(at_or_above(float(score), self.scan_threshold))
+
+    def lesion_mask(self, mask: np.ndarray, voxel_ml: float) -> np.ndarray:
+        """``mask`` without components smaller than ``min_volume_ml`` (what counts as findings)."""
+        return drop_small_components(mask, voxel_ml, self.min_volume_ml)
+
+    def apply(self, score_map: np.ndarray, brain_mask: np.ndarray | None, affine: np.ndarray, *,
+              score: float | None = None, atlas: Atlas | None = None, in_mni: bool = False,
+              to_atlas: Callable[[np.ndarray], np.ndarray] | None = None) -> Applied:
+        """Mask, flag and findings of one scan (see :func:`anomaly.findings.extract_findings` for the atlas)."""
+        mask = self.voxel_mask(score_map, brain_mask)
+        findings = extract_findings(score_map, mask, affine, min_volume_ml=self.min_volume_ml, atlas=atlas,
+                                    in_mni=in_mni, to_atlas=to_atlas)
+        return Applied(mask=mask, flagged=self.flag(score), findings=findings)
+
+    def note(self, in_mni: bool = False) -> AppliedCalibrationNote:
+        """What a result records about the calibration it was scored with."""
+        return AppliedCalibrationNote(name=self.ref or self.method, voxel_threshold=self.voxel_threshold,
+                                      scan_threshold=self.scan_threshold, min_volume_ml=self.min_volume_ml,
+                                      in_mni=in_mni)
+
+    # ------------------------------------------------------------------------------- fitting a run
+
+    def settings_problem(self, settings_hash: str, settings: dict[str, Any] | None = None) -> str | None:
+        """Why these thresholds do not hold for maps made with ``settings`` (None when they do).
+
+        When the calibration knows its settings, those that change maps are compared one by one
+        (``MAP_NEUTRAL_SETTINGS`` are not; a setting added since counts as its default) and the
+        differing ones named; otherwise the settings hashes are compared.
+        """
+        from anomaly.config import ScoringSettings
+
+        detail = ""
+        if self.settings is not None and settings is not None:
+            old, new = {**_flat(ScoringSettings().to_dict()), **_flat(self.settings)}, _flat(settings)
+            changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                       if k not in MAP_NEUTRAL_SETTINGS and old.get(k) != new.get(k)]
+            if not changed:
+                return None
+            detail = f" ({'; '.join(changed)})"
+        elif not self.settings_hash or self.settings_hash == settings_hash:
+            return None
+        return (f"calibration {self.ref or self.method} was made on maps scored with other settings (settings "
+                f"hash {self.settings_hash}, here {settings_hash}){detail}; its thresholds do not hold for these "
+                "maps: score with the same --config/--precision as the calibration, or calibrate again with "
+                "these settings (--force-calibration applies it anyway)")
+
+    # ---------------------------------------------------------------------------------- storage
+
+    @classmethod
+    def from_stored(cls, row: StoredCalibration) -> Calibration:
+        """The calibration a stored row holds (thresholds from its columns, the rest from its data)."""
+        data = CalibrationData.from_dict(row.data)
+        return cls(method=row.method, voxel_threshold=float(row.voxel_threshold),
+                   scan_threshold=None if row.scan_threshold is None else float(row.scan_threshold),
+                   target_fpr=None if row.target_fpr is None else float(row.target_fpr),
+                   metrics=dict(row.metrics or {}), min_volume_ml=data.min_volume_ml,
+                   settings_hash=row.settings_hash, settings=data.settings, ref=f"{row.name}@{row.version}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (non-finite numbers become ``None``)."""
-        return _jsonable({
-            "method": self.method,
-            "voxel_threshold": self.voxel_threshold,
-            "scan_threshold": self.scan_threshold,
-            "target_fpr": self.target_fpr,
-            "metrics": self.metrics,
-        })
+        return to_jsonable(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CalibrationResult:
+    def from_dict(cls, data: dict[str, Any]) -> Calibration:
         """Inverse of :meth:`to_dict`; names the missing key when the dictionary is incomplete."""
         missing = [key for key in ("method", "voxel_threshold") if key not in data]
         if missing:
             raise CalibrationError(f"calibration dictionary lacks {missing}; it was not written by to_dict()")
-        scan = data.get("scan_threshold")
-        target = data.get("target_fpr")
-        return cls(
-            method=str(data["method"]),
-            voxel_threshold=float(data["voxel_threshold"]),
-            scan_threshold=None if scan is None else float(scan),
-            target_fpr=None if target is None else float(target),
-            metrics=dict(data.get("metrics") or {}),
-        )
+        try:
+            return build(cls, data, lenient=True)
+        except ConfigError as exc:
+            raise CalibrationError(f"calibration dictionary: {exc}") from exc
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write as JSON atomically (temporary file, then rename)."""
-        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False))
+        return write_json(path, self)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> CalibrationResult:
+    def load(cls, path: str | os.PathLike[str]) -> Calibration:
         """Read a JSON file written by :meth:`save`."""
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CalibrationError(f"{path}: cannot be read as a calibration file ({exc}); "
-                                   "run the calibration again to write it") from exc
+            data = read_json(path, "calibration file")
+        except ValueError as exc:
+            raise CalibrationError(f"{exc}; run the calibration again to write it") from exc
+        if not isinstance(data, dict):
+            raise CalibrationError(f"{path}: not a calibration file; run the calibration again to write it")
         return cls.from_dict(data)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return [_jsonable(v) for v in value.tolist()]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
-
-
-def apply_threshold(score_map: np.ndarray, brain_mask: np.ndarray | None, threshold: float) -> np.ndarray:
-    """Boolean anomaly mask: ``score_map >= threshold`` inside ``brain_mask`` (whole volume when None).
-
-    The comparison is exact for float32 maps too (the threshold is never rounded down to float32).
-    """
-    scores = np.asarray(score_map)
-    out = scores >= cast_thresholds(np.asarray(threshold, dtype=np.float64), scores.dtype)
-    if brain_mask is not None:
-        mask = np.asarray(brain_mask, dtype=bool)
-        if mask.shape != scores.shape:
-            raise ValueError(f"apply_threshold: brain mask shape {mask.shape} differs from map shape {scores.shape}")
-        out &= mask
+def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(values, dict):
+        return {prefix.rstrip("."): values}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        out.update(_flat(value, f"{prefix}{key}."))
     return out
 
 
@@ -235,7 +337,7 @@ def calibrate_healthy(
     scan_target_fpr: float | None = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
-) -> CalibrationResult:
+) -> Calibration:
     """Voxel (and optionally scan) thresholds whose false-positive rate on healthy scans is at most the target.
 
     ``maps``/``masks`` are the healthy anomaly maps and their brain masks (same shapes), ``scan_scores``
@@ -303,7 +405,7 @@ def calibrate_healthy(
                        ci_method="95% percentile bootstrap over scans drawn with replacement")
         if scan_target_fpr is not None:
             metrics["scan_threshold_ci"] = _percentile_ci(scan_draws)
-    return CalibrationResult("healthy-fpr", voxel_threshold, scan_threshold, target_fpr, metrics)
+    return Calibration("healthy-fpr", voxel_threshold, scan_threshold, target_fpr, metrics)
 
 
 def _youden_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -321,7 +423,7 @@ def calibrate_labelled(
     labels: Sequence[np.ndarray],
     scan_scores: Sequence[float] | None = None,
     sensitivities: Sequence[float] = DEFAULT_SENSITIVITIES,
-) -> CalibrationResult:
+) -> Calibration:
     """Voxel threshold with the best pooled Dice on labelled scans, plus fixed-sensitivity operating points.
 
     Voxels are pooled inside the brain masks (lesion voxels outside a mask are ignored and counted).
@@ -376,4 +478,4 @@ def calibrate_labelled(
         else:
             scan_threshold, youden = _youden_threshold(scores, truth)
             metrics.update(scan_auroc=auroc(scores, truth), scan_youden_j=youden)
-    return CalibrationResult("labelled-dice", threshold, scan_threshold, None, metrics)
+    return Calibration("labelled-dice", threshold, scan_threshold, None, metrics)

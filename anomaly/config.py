@@ -1,4 +1,5 @@
-"""Typed settings parsed from YAML: preprocessing, post-processing, scan score, scoring run."""
+"""Typed scoring settings: preprocessing, post-processing, scan score, scoring run (parsed from YAML by the
+strict builder of :mod:`anomaly.configparse`)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,17 @@ import dataclasses
 import hashlib
 import json
 import os
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import yaml
-
+from anomaly.configparse import ConfigError, build, load_yaml
 from anomaly.contrast import check_contrast_setting
 
-T = TypeVar("T")
+from_dict = build
+"""The strict builder of :mod:`anomaly.configparse` under its earlier name."""
 
-
-class ConfigError(ValueError):
-    """A configuration file or value that cannot be used; the message names the key and the fix."""
+__all__ = ["PRECISIONS", "ConfigError", "PostprocessConfig", "PreprocessConfig", "ScoreConfig", "ScoringSettings",
+           "build", "from_dict", "load_scoring_settings", "load_yaml", "native_bf16", "resolve_precision"]
 
 
 @dataclass(frozen=True)
@@ -139,47 +137,6 @@ def resolve_precision(value: str | None, device: str = "cpu") -> str:
     return str(value)
 
 
-def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
-    """Build a frozen config dataclass from a mapping: nested dataclasses by their field types, lists as
-    tuples, unknown keys refused with their dotted names (so a typo never passes silently)."""
-    data = dict(data or {})
-    hints = typing.get_type_hints(cls)
-    fields = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(where + k for k in unknown)}; "
-                          f"allowed: {', '.join(where + k for k in fields)}")
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint) and isinstance(hint, type):
-            kwargs[name] = from_dict(hint, value, f"{where}{name}.")
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"bad settings {where or cls.__name__}: {exc}") from exc
-
-
-def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML mapping with an error that names the file."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: config file not found; check the path") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
-    return data
-
-
 def load_scoring_settings(path: str | os.PathLike[str] | None = None, *, contrast: str | None = None,
                           preprocess: dict[str, Any] | None = None, device: str = "cpu",
                           **overrides: Any) -> ScoringSettings:
@@ -198,4 +155,4 @@ def load_scoring_settings(path: str | os.PathLike[str] | None = None, *, contras
         if not isinstance(section, dict):
             raise ConfigError("preprocess must be a mapping of settings")
         data["preprocess"] = {**section, **extra}
-    return from_dict(ScoringSettings, data)
+    return build(ScoringSettings, data, source=path or None)

@@ -17,6 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from anomaly.atlas import Atlas
+from anomaly.records import DEFAULT_MIN_VOLUME_ML
 
 NOT_MNI_NOTE = "region unavailable: scan not in MNI space"
 NO_ATLAS_NOTE = "region unavailable: no atlas loaded"
@@ -62,6 +63,27 @@ class Finding:
         }
 
 
+def components(mask: np.ndarray, voxel_ml: float, min_volume_ml: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(labels, counts, kept)``: the 26-connected components of ``mask``, their voxel counts (index 0 is
+    the background) and the labels of those whose volume reaches ``min_volume_ml`` (a relative tolerance
+    absorbs float rounding). The one rule for which components count as findings."""
+    labels, n = ndimage.label(np.asarray(mask, dtype=bool), structure=np.ones((3, 3, 3), dtype=bool))
+    counts = np.bincount(labels.ravel(), minlength=n + 1)
+    kept = np.flatnonzero(counts[1:] * voxel_ml >= min_volume_ml * (1 - 1e-9)) + 1
+    return labels, counts, kept
+
+
+def drop_small_components(mask: np.ndarray, voxel_ml: float, min_volume_ml: float) -> np.ndarray:
+    """``mask`` without the components smaller than ``min_volume_ml`` (those :func:`extract_findings` skips)."""
+    mask = np.asarray(mask, dtype=bool)
+    if min_volume_ml <= 0 or not mask.any():
+        return mask
+    labels, counts, kept = components(mask, voxel_ml, min_volume_ml)
+    keep = np.zeros(counts.size, dtype=bool)
+    keep[kept] = True
+    return keep[labels]
+
+
 def _world(affine: np.ndarray, ijk: np.ndarray) -> tuple[float, float, float]:
     x, y, z = nib.affines.apply_affine(affine, np.asarray(ijk, dtype=np.float64))
     return float(x), float(y), float(z)
@@ -72,7 +94,7 @@ def extract_findings(
     mask: np.ndarray,
     affine: np.ndarray,
     *,
-    min_volume_ml: float = 0.05,
+    min_volume_ml: float = DEFAULT_MIN_VOLUME_ML,
     atlas: Atlas | None = None,
     in_mni: bool = False,
     max_findings: int | None = None,
@@ -103,10 +125,7 @@ def extract_findings(
         raise ValueError("extract_findings: the score map holds NaN or infinite values inside the mask; "
                          "clean the map before extracting findings")
 
-    labels, n = ndimage.label(binary, structure=np.ones((3, 3, 3), dtype=bool))
-    counts = np.bincount(labels.ravel(), minlength=n + 1)
-    # keep components whose volume reaches the minimum (a relative tolerance absorbs float rounding)
-    keep = np.flatnonzero(counts[1:] * voxel_ml >= min_volume_ml * (1 - 1e-9)) + 1
+    labels, counts, keep = components(binary, voxel_ml, min_volume_ml)
     if keep.size == 0:
         return []
     peaks = np.atleast_1d(np.asarray(ndimage.maximum(scores, labels, keep), dtype=np.float64))

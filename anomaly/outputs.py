@@ -20,7 +20,10 @@ from pathlib import Path
 
 from anomaly.fileio import NAME_MAX
 
-KINDS = ("anomaly", "brain", "recon", "mask")
+KINDS: tuple[str, ...] = ("anomaly", "brain", "recon", "mask")
+"""The outputs of a scan, by the word every layer uses for them (file suffix, dashboard, reports)."""
+RESULT_ATTRIBUTES: dict[str, str] = {"anomaly": "map_path", "recon": "recon_path", "mask": "mask_path"}
+"""Where a stored result records the path of each output (the brain mask lies beside the map: :func:`sibling`)."""
 _LONGEST_SUFFIX = "_anomaly.nii.gz"
 MAX_STEM_BYTES = NAME_MAX - len(_LONGEST_SUFFIX)
 """Longest stem (UTF-8 bytes) whose every output name fits in one file-name component."""

@@ -9,19 +9,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from anomaly.outputs import sibling
+from anomaly.outputs import KINDS, RESULT_ATTRIBUTES, sibling
+from anomaly.records import ResultDetails
 from anomaly.volume import is_nifti_path
 
-OUTPUT_KINDS: tuple[str, ...] = ("map", "recon", "mask", "brain")
-"""Files a scoring run writes into its output folder."""
+OUTPUT_KINDS: tuple[str, ...] = KINDS
+"""Files a scoring run writes into its output folder (the names of :mod:`anomaly.outputs`)."""
 
 RECORDED_KINDS: tuple[str, ...] = ("input", "label")
-"""Files the user gave to the pipeline, opened only at the exact path recorded for the result."""
+"""Files the user gave to the pipeline, opened only at the exact path recorded for the result; a label is a
+voxel mask (lesion = non-zero) on the input's grid, recorded as ``ResultDetails.label_path``."""
 
-LABEL_KEY = "label_path"
-"""Key of ``Result.details`` holding a voxel label mask (lesion = non-zero) on the input's grid."""
-
-_ATTRIBUTE = {"map": "map_path", "recon": "recon_path", "mask": "mask_path", "input": "input_path"}
+_ATTRIBUTE = {**RESULT_ATTRIBUTES, "input": "input_path"}
 
 
 class UnsafePathError(ValueError):
@@ -35,7 +34,7 @@ def inside(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool
     return real != root and real.is_relative_to(root)
 
 
-def check_output_path(recorded: str, out_dir: str, kind: str = "map") -> Path:
+def check_output_path(recorded: str, out_dir: str, kind: str = "anomaly") -> Path:
     """The real path of an output file recorded for a result; refuses anything outside ``out_dir``."""
     if not out_dir:
         raise UnsafePathError(
@@ -73,9 +72,7 @@ def check_recorded_path(requested: str, recorded: str | None, kind: str = "input
 def recorded_path(result: Any, kind: str) -> str | None:
     """The path stored for ``kind`` on a result row (ORM ``Result`` or ``ResultRow``), or None."""
     if kind == "label":
-        details = getattr(result, "details", None) or {}
-        value = details.get(LABEL_KEY) if isinstance(details, dict) else None
-        return str(value) if value else None
+        return ResultDetails.from_dict(getattr(result, "details", None)).label_path or None
     if kind == "brain":  # the brain mask scoring used, written beside the map
         map_path = getattr(result, "map_path", None)
         try:

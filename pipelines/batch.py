@@ -20,12 +20,14 @@ from typing import Any
 
 from tqdm import tqdm
 
+from anomaly.calibration import Calibration
 from anomaly.config import ScoringSettings
 from anomaly.fileio import atomic_path, path_problem
 from anomaly.io.dicom import DicomSeries, find_series, is_zip_archive, looks_like_dicom
 from anomaly.models.base import SliceModel
 from anomaly.outputs import KINDS, output_path, outputs_present, stem_candidates
 from anomaly.store import (
+    Model,
     Store,
     claim_output_name,
     finish_run,
@@ -40,7 +42,7 @@ from anomaly.store import (
 from anomaly.store.sources import set_scan_source
 from anomaly.volume import file_sha256, is_nifti_path, scan_name
 from pipelines.executors import Executor, LocalExecutor
-from pipelines.work import AppliedCalibration, ScanOutcome, ScanTask
+from pipelines.work import ScanOutcome, ScanTask
 
 CSV_COLUMNS = ("path", "scan_id", "status", "score", "map_path", "error", "flagged", "calibration",
                "mask_path", "recon_path", "n_findings", "timing_s", "warnings", "run_id", "series_uid")
@@ -218,68 +220,35 @@ class BatchSummary:
         return self.count("failed")
 
 
-MAP_NEUTRAL_SETTINGS = frozenset({"batch_size", "save_reconstruction"})
-"""Scoring settings that change speed or extra outputs, never the anomaly map a threshold applies to."""
-
-
-def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(values, dict):
-        return {prefix.rstrip("."): values}
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        out.update(_flat(value, f"{prefix}{key}."))
-    return out
-
-
-def calibration_settings_problem(cal: Any, settings_hash: str, settings: dict[str, Any] | None = None) -> str | None:
-    """Why a stored calibration does not fit maps made with these settings (None when it does).
-
-    Thresholds only hold for maps made the same way. When the calibration stored its settings, those
-    that change maps are compared one by one (``MAP_NEUTRAL_SETTINGS`` are not) and the differing ones
-    named; otherwise the settings hashes are compared.
-    """
-    stored = (cal.data or {}).get("settings") if isinstance(cal.data, dict) else None
-    detail = ""
-    if isinstance(stored, dict) and settings is not None:
-        # a setting added after the calibration was made counts as its default (what scoring did then)
-        old, new = {**_flat(ScoringSettings().to_dict()), **_flat(stored)}, _flat(settings)
-        changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                   if k not in MAP_NEUTRAL_SETTINGS and old.get(k) != new.get(k)]
-        if not changed:
-            return None
-        detail = f" ({'; '.join(changed)})"
-    elif not cal.settings_hash or cal.settings_hash == settings_hash:
-        return None
-    return (f"calibration {cal.name}@{cal.version} was made on maps scored with other settings (settings hash "
-            f"{cal.settings_hash}, here {settings_hash}){detail}; its thresholds do not hold for these maps: "
-            "score with the same --config/--precision as the calibration, or calibrate again with these "
-            "settings (--force-calibration applies it anyway)")
-
-
-def resolve_calibration(store: Store, ref: str | None, model_id: int, settings: ScoringSettings | None = None,
-                        *, force: bool = False) -> tuple[int | None, AppliedCalibration | None]:
-    """Look a calibration up by ``name`` or ``name@version``; check it belongs to this model and, given
-    ``settings``, that it was made on maps scored with the same settings (refused unless ``force``)."""
+def resolve_calibration(store: Store, ref: str | None, model_id: int, settings_hash: str | None = None,
+                        settings: dict[str, Any] | None = None, *, force: bool = False
+                        ) -> tuple[int | None, Calibration | None]:
+    """The stored calibration ``ref`` (``name`` or ``name@version``) as it applies to maps of model
+    ``model_id`` made with these settings: refused when it belongs to another model or, given
+    ``settings_hash``, when it was made on maps scored otherwise (a warning instead with ``force``).
+    The one check for ``score``, ``bids`` and ``evaluate``; returns its id and the :class:`Calibration`."""
     if ref is None:
         return None, None
     name, version = parse_calibration_ref(ref)
     with store.session() as s:
-        cal = get_calibration(s, name, version)
-        if cal is None:
+        row = get_calibration(s, name, version)
+        if row is None:
             raise BatchError(f"calibration {ref!r} not found in {store.url}; create it with `anomaly calibrate` "
                              "or list them with `anomaly calibrate --list`")
-        if cal.model_id != model_id:
-            raise BatchError(f"calibration {ref!r} was made for another model (model id {cal.model_id}); "
-                             "calibrate this model first")
-        if settings is not None:
-            problem = calibration_settings_problem(cal, settings.hash(), settings.to_dict())
-            if problem and not force:
-                raise BatchError(problem)
-            if problem:
-                print(f"warning: {problem}", file=sys.stderr)
-        min_ml = float((cal.data or {}).get("min_volume_ml", 0.05)) if isinstance(cal.data, dict) else 0.05
-        return cal.id, AppliedCalibration(name=f"{cal.name}@{cal.version}", voxel_threshold=cal.voxel_threshold,
-                                          scan_threshold=cal.scan_threshold, min_volume_ml=min_ml)
+        if row.model_id != model_id:
+            model = s.get(Model, model_id)
+            raise BatchError(f"calibration {row.ref} was made for model {row.model.name!r}, these maps are "
+                             f"made with {model.name if model else model_id!r}; its thresholds do not apply to "
+                             "them: calibrate this model first")
+        calibration = Calibration.from_stored(row)
+        row_id = row.id
+    if settings_hash is not None:
+        problem = calibration.settings_problem(settings_hash, settings)
+        if problem and not force:
+            raise BatchError(problem)
+        if problem:
+            print(f"warning: {problem}", file=sys.stderr)
+    return row_id, calibration
 
 
 def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str], model: SliceModel,
@@ -316,7 +285,8 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
     with store.session() as s:
         model_row = get_or_create_model(s, identity.name, identity.weights_hash, identity.config)
         model_id = model_row.id
-    calibration_id, applied = resolve_calibration(store, calibration, model_id, settings, force=force_calibration)
+    calibration_id, applied = resolve_calibration(store, calibration, model_id, settings.hash(), settings.to_dict(),
+                                                  force=force_calibration)
     with store.session() as s:
         run = open_run(s, model_id, settings.to_dict(), settings.hash(), out, calibration_id, executor.name)
         run_id = run.id
@@ -376,12 +346,12 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
             upsert_result(s, run_id, scan, status=outcome.status, input_path=str(outcome.task.path),
                           error=outcome.error, score=outcome.score, flagged=outcome.flagged,
                           map_path=outcome.map_path, recon_path=outcome.recon_path, mask_path=outcome.mask_path,
-                          timing_s=outcome.timing_s, details=outcome.details, findings=outcome.findings)
+                          timing_s=outcome.timing_s, details=outcome.details.to_dict(), findings=outcome.findings)
         rows[slot_of[outcome.task.content_hash]] = _row(outcome.task, outcome.status, run_id, applied, score=outcome.score,
                                  map_path=outcome.map_path, error=outcome.error, flagged=outcome.flagged,
                                  mask_path=outcome.mask_path, recon_path=outcome.recon_path,
                                  n_findings=len(outcome.findings), timing_s=outcome.timing_s,
-                                 warnings="; ".join(outcome.details.get("warnings", [])))
+                                 warnings="; ".join(outcome.details.warnings))
         if on_outcome is not None:
             on_outcome(outcome)
     with store.session() as s:
@@ -402,10 +372,10 @@ def remove_stale_temporaries(out_dir: Path) -> list[Path]:
     return stale
 
 
-def _row(task: ScanTask, status: str, run_id: int, calibration: AppliedCalibration | None, **values: Any) -> dict[str, Any]:
+def _row(task: ScanTask, status: str, run_id: int, calibration: Calibration | None, **values: Any) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(CSV_COLUMNS, "")
     row.update(path=str(task.path), scan_id=task.content_hash, status=status, run_id=run_id,
-               calibration=calibration.name if calibration else "",
+               calibration=calibration.ref if calibration else "",
                series_uid=(task.series.series_uid or "") if task.series is not None else "")
     row.update({k: ("" if v is None else v) for k, v in values.items()})
     return row

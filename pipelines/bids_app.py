@@ -30,6 +30,7 @@ from anomaly.io.bids import (
     find_anatomical,
     sidecar_path,
 )
+from anomaly.jsonio import write_json
 from anomaly.models.base import SliceModel
 from anomaly.report import ReportImage, render_subject_report
 from anomaly.store import Store
@@ -55,7 +56,7 @@ class ParticipantSummary:
 
 
 def _json(path: Path, payload: dict[str, Any]) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    write_json(path, payload)
 
 
 def _items(images: Sequence[BidsImage]) -> list[InputItem]:
@@ -83,17 +84,18 @@ class _Sidecars:
             return
         raw = f"bids:raw:{image.relpath}"
         names = derivative_names(image.relpath)
-        cal = outcome.details.get("calibration")
-        calibration = None if not cal else {"Name": cal.get("name"), "VoxelThreshold": cal.get("voxel_threshold"),
-                                            "ScanThreshold": cal.get("scan_threshold")}
+        details = outcome.details
+        cal = details.calibration
+        calibration = None if cal is None else {"Name": cal.name, "VoxelThreshold": cal.voxel_threshold,
+                                                "ScanThreshold": cal.scan_threshold}
         common = {"Model": self.model, "SettingsHash": self.settings.hash()}
         _json(sidecar_path(outcome.map_path), {
             "Description": "Voxel anomaly map on the source image's grid: how far each voxel is from what the "
                            "model reconstructs as normal (higher is more unusual; zero outside the brain).",
             "Sources": [raw], **common, "Settings": self.settings.to_dict(), "Calibration": calibration,
-            "Contrast": outcome.details.get("contrast"), "ContrastSource": outcome.details.get("contrast_source"),
+            "Contrast": details.contrast, "ContrastSource": details.contrast_source,
             "ScanScore": outcome.score, "Flagged": outcome.flagged, "Findings": outcome.findings,
-            "Warnings": outcome.details.get("warnings", []),
+            "Warnings": details.warnings,
         })
         _json(sidecar_path(self.out / names["brain"]), {
             "Type": "Brain", "Description": "Brain mask the anomaly map was scored inside.",

@@ -15,21 +15,20 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import nibabel as nib
 import numpy as np
+from nibabel.spatialimages import SpatialImage
 
-from anomaly.calibration import CalibrationError, CalibrationResult, calibrate_healthy, calibrate_labelled
+from anomaly.calibration import Calibration, CalibrationError, calibrate_healthy, calibrate_labelled
 from anomaly.config import ScoringSettings
 from anomaly.models.base import SliceModel
 from anomaly.outputs import sibling
+from anomaly.records import DEFAULT_MIN_VOLUME_ML, CalibrationData, CalibrationScan
 from anomaly.store import Store, get_calibration, get_or_create_model, save_calibration
 from anomaly.volume import Volume, file_sha256, is_nifti_path, load_mask, load_volume, scan_name
 from pipelines.batch import BatchSummary, discover_inputs, score_batch, unique_stems
-
-DEFAULT_MIN_VOLUME_ML = 0.05
-"""Smallest finding kept when the calibration is applied (the same default as :mod:`anomaly.findings`)."""
 
 T = TypeVar("T")
 
@@ -50,13 +49,10 @@ class ScoredScan:
     score: float
     label_path: Path | None = None
 
-    def record(self) -> dict[str, Any]:
+    def record(self) -> CalibrationScan:
         """What the stored calibration keeps about this scan."""
-        entry: dict[str, Any] = {"path": str(self.path), "content_hash": self.content_hash, "name": self.stem,
-                                 "score": self.score}
-        if self.label_path is not None:
-            entry["label_path"] = str(self.label_path)
-        return entry
+        return CalibrationScan(path=str(self.path), content_hash=self.content_hash, name=self.stem, score=self.score,
+                               label_path=None if self.label_path is None else str(self.label_path))
 
 
 @dataclass
@@ -65,7 +61,7 @@ class CalibrationOutcome:
 
     ref: str
     calibration_id: int
-    result: CalibrationResult
+    result: Calibration
     scans: list[ScoredScan]
     run_id: int
     out_dir: Path
@@ -97,7 +93,7 @@ class LazySequence(Sequence[T]):
 
 def map_grid(map_path: str | os.PathLike[str]) -> Volume:
     """The grid (shape and affine) of a written map as a data-free ``Volume``, to check masks against."""
-    image = nib.load(str(map_path))
+    image = cast(SpatialImage, nib.load(str(map_path)))
     shape = tuple(int(s) for s in image.shape[:3])
     return Volume(data=np.broadcast_to(np.float32(0), shape), affine=np.asarray(image.affine, dtype=np.float64),
                   path=Path(map_path))
@@ -186,7 +182,7 @@ def default_out_dir(store_url: str, name: str) -> Path:
 
 
 def calibrate_scans(scans: Sequence[ScoredScan], *, target_fpr: float | None, scan_target_fpr: float | None = None,
-                    labelled: bool = False, n_bootstrap: int = 1000, seed: int = 0) -> CalibrationResult:
+                    labelled: bool = False, n_bootstrap: int = 1000, seed: int = 0) -> Calibration:
     """Run the library calibration on scored scans, reading each map and mask from disk when it is needed."""
     n = len(scans)
     scores = [s.score for s in scans]
@@ -249,35 +245,27 @@ def run_calibration(inputs: Sequence[str | os.PathLike[str]], model: SliceModel,
                                min_volume_ml=min_volume_ml, n_bootstrap=n_bootstrap, seed=seed)
     with store.session() as s:
         latest = get_calibration(s, name)
-        if latest is not None and isinstance(latest.data, dict) and latest.data.get("fingerprint") == fingerprint:
+        if latest is not None and CalibrationData.from_dict(latest.data).fingerprint == fingerprint:
             return CalibrationOutcome(
-                ref=latest.ref, calibration_id=latest.id, result=CalibrationResult(
-                    method=latest.method, voxel_threshold=latest.voxel_threshold,
-                    scan_threshold=latest.scan_threshold, target_fpr=latest.target_fpr,
-                    metrics=dict(latest.metrics or {})),
+                ref=latest.ref, calibration_id=latest.id, result=Calibration.from_stored(latest),
                 scans=list(scans), run_id=summary.run_id, out_dir=summary.out_dir,
                 notes=[*notes, f"same scans, model and settings as {latest.ref}: reused it (no new version)"])
     result = calibrate_scans(scans, target_fpr=target_fpr, scan_target_fpr=scan_target_fpr,
                              labelled=index is not None, n_bootstrap=n_bootstrap, seed=seed)
-    data: dict[str, Any] = {
-        "scans": [s.record() for s in scans],
-        "n_scans": len(scans),
-        "min_volume_ml": float(min_volume_ml),
-        "run_id": summary.run_id,
-        "out_dir": str(summary.out_dir),
-        "settings": settings.to_dict(),
-        "model": identity.name,
-        "fingerprint": fingerprint,
-    }
-    if labels_dir is not None:
-        data["labels_dir"] = str(Path(labels_dir).expanduser().resolve())
+    result = replace(result, min_volume_ml=float(min_volume_ml), settings_hash=settings.hash(),
+                     settings=settings.to_dict())
+    data = CalibrationData(
+        min_volume_ml=result.min_volume_ml, settings=result.settings, fingerprint=fingerprint, model=identity.name,
+        source="calibrate", run_id=summary.run_id, out_dir=str(summary.out_dir), scans=[s.record() for s in scans],
+        n_scans=len(scans),
+        labels_dir=str(Path(labels_dir).expanduser().resolve()) if labels_dir is not None else None)
     with store.session() as s:
         model_row = get_or_create_model(s, identity.name, identity.weights_hash, identity.config)
         cal = save_calibration(s, name, model_row, result.method, result.voxel_threshold,
                                scan_threshold=result.scan_threshold, target_fpr=result.target_fpr,
-                               settings_hash=settings.hash(), data=data, metrics=result.metrics)
+                               settings_hash=result.settings_hash, data=data.to_dict(), metrics=result.metrics)
         ref, cal_id = cal.ref, cal.id
-    return CalibrationOutcome(ref=ref, calibration_id=cal_id, result=result, scans=list(scans),
+    return CalibrationOutcome(ref=ref, calibration_id=cal_id, result=replace(result, ref=ref), scans=list(scans),
                               run_id=summary.run_id, out_dir=summary.out_dir, notes=notes)
 
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from anomaly.calibration import Calibration
 from anomaly.config import ScoringSettings
 from anomaly.models.base import SliceModel
-from pipelines.work import AppliedCalibration, ScanOutcome, ScanTask, score_scan
+from pipelines.work import ScanOutcome, ScanTask, score_scan
 
 
 def _score_with_threads(task: ScanTask, model: SliceModel, settings: ScoringSettings,
-                        calibration: AppliedCalibration | None, atlas: Any, threads: int) -> ScanOutcome:
+                        calibration: Calibration | None, atlas: Any, threads: int) -> ScanOutcome:
     import torch
 
     if threads > 0 and torch.get_num_threads() != threads:
@@ -46,7 +47,7 @@ class DaskExecutor:
         return Client(cluster), cluster
 
     def map(self, tasks: Iterable[ScanTask], model: SliceModel, settings: ScoringSettings,
-            calibration: AppliedCalibration | None = None, atlas: Any = None) -> Iterator[ScanOutcome]:
+            calibration: Calibration | None = None, atlas: Any = None) -> Iterator[ScanOutcome]:
         from distributed import as_completed
 
         client, cluster = self._client()

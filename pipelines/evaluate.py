@@ -11,29 +11,28 @@ of the pooled scores; the numbers in the summary are computed at every distinct 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 from sqlalchemy import func, select
 from tqdm import tqdm
 
-from anomaly.calibration import apply_threshold
-from anomaly.fileio import write_text_atomic
+from anomaly.calibration import Calibration
+from anomaly.jsonio import write_json
 from anomaly.metrics import LesionStats, RankedScores, lesion_detection, scan_auroc
 from anomaly.mood import MoodItem, export_mood
 from anomaly.outputs import sibling
-from anomaly.store import Run, Store, get_calibration, get_run, run_results, to_jsonable
+from anomaly.records import ResultDetails
+from anomaly.store import Run, Store, get_run, run_results
 from anomaly.volume import load_mask, load_volume, scan_name
-from pipelines.batch import calibration_settings_problem, write_csv
+from pipelines.batch import BatchError, resolve_calibration, write_csv
 from pipelines.calibrate import find_label, label_index, map_grid
 
 PER_SCAN_COLUMNS = (
@@ -67,17 +66,6 @@ class EvaluateError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class EvalCalibration:
-    """The thresholds an evaluation applies."""
-
-    ref: str
-    method: str
-    voxel_threshold: float
-    scan_threshold: float | None
-    min_volume_ml: float
-
-
-@dataclass(frozen=True)
 class EvalScan:
     """One ok result of the run: its map, scored brain mask, scan score and (when found) label file."""
 
@@ -99,9 +87,9 @@ class EvaluationReport:
 
 
 def resolve_run(store: Store, run_id: int | None, calibration: str | None = None, *, force_calibration: bool = False
-                ) -> tuple[dict[str, Any], list[EvalScan], EvalCalibration | None]:
+                ) -> tuple[dict[str, Any], list[EvalScan], Calibration | None]:
     """The run's facts (the latest run when ``run_id`` is None), its ok results (by name) and the calibration
-    to apply (``calibration`` or the run's)."""
+    to apply (``calibration``, checked as ``score`` checks it, or the run's own)."""
     with store.session() as s:
         if run_id is None:
             run_id = s.execute(select(func.max(Run.id))).scalar_one()
@@ -110,43 +98,20 @@ def resolve_run(store: Store, run_id: int | None, calibration: str | None = None
         run = get_run(s, run_id)
         info = {"run_id": run.id, "model": run.model.name, "run_out_dir": run.out_dir,
                 "settings_hash": run.settings_hash}
-        cal = run.calibration
-        if calibration is not None:
-            cal = get_calibration(s, calibration)
-            if cal is None:
-                raise EvaluateError(f"calibration {calibration!r} not found in {store.url}; list them with "
-                                    "`anomaly calibrate --list`")
-            if cal.model_id != run.model_id:
-                raise EvaluateError(f"calibration {cal.ref} was made for model {cal.model.name!r}, run {run_id} "
-                                    f"used {run.model.name!r}; its thresholds do not apply to these maps")
-            problem = calibration_settings_problem(cal, run.settings_hash, run.settings)
-            if problem and not force_calibration:
-                raise EvaluateError(problem)
-            if problem:
-                print(f"warning: {problem}", file=sys.stderr)
-        applied = None
-        if cal is not None:
-            data = cal.data if isinstance(cal.data, dict) else {}
-            applied = EvalCalibration(ref=cal.ref, method=cal.method, voxel_threshold=float(cal.voxel_threshold),
-                                      scan_threshold=None if cal.scan_threshold is None else float(cal.scan_threshold),
-                                      min_volume_ml=float(data.get("min_volume_ml", 0.05)))
+        model_id, settings_hash, settings = run.model_id, run.settings_hash, dict(run.settings or {})
+        cal = Calibration.from_stored(run.calibration) if run.calibration is not None else None
         scans = [EvalScan(stem=scan_name(r.map_path).removesuffix("_anomaly"), input_path=r.input_path,
                           map_path=Path(r.map_path), score=float(r.score) if r.score is not None else math.nan)
                  for r in run_results(s, run_id, status="ok", order="name") if r.map_path]
+    if calibration is not None:
+        try:
+            cal = resolve_calibration(store, calibration, model_id, settings_hash, settings or None,
+                                      force=force_calibration)[1]
+        except BatchError as exc:
+            raise EvaluateError(str(exc)) from exc
     if not scans:
         raise EvaluateError(f"run {run_id} has no successfully scored scans; score some with `anomaly score` first")
-    return info, scans, applied
-
-
-def drop_small_components(mask: np.ndarray, voxel_ml: float, min_volume_ml: float) -> np.ndarray:
-    """``mask`` without 26-connected components smaller than ``min_volume_ml`` (as findings are filtered)."""
-    if min_volume_ml <= 0 or not mask.any():
-        return mask
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    counts = np.bincount(labels.ravel(), minlength=n + 1)
-    keep = counts * voxel_ml >= min_volume_ml * (1 - 1e-9)
-    keep[0] = False
-    return keep[labels]
+    return info, scans, cal
 
 
 @dataclass
@@ -163,7 +128,7 @@ def _none_if_nan(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def evaluate_scan(scan: EvalScan, calibration: EvalCalibration | None) -> _ScanPart:
+def evaluate_scan(scan: EvalScan, calibration: Calibration | None) -> _ScanPart:
     """Per-scan metrics, and the scan's brain voxel scores split by label for the pooled metrics."""
     volume = load_volume(scan.map_path)
     grid = map_grid(scan.map_path)
@@ -190,7 +155,7 @@ def evaluate_scan(scan: EvalScan, calibration: EvalCalibration | None) -> _ScanP
     lesions = None
     if calibration is not None:
         threshold = calibration.voxel_threshold
-        pred = apply_threshold(amap, brain, threshold)
+        pred = calibration.voxel_mask(amap, brain)  # the very mask `score` writes
         gt = truth & brain
         tp = int(np.count_nonzero(pred & gt))
         n_pred = int(np.count_nonzero(pred))
@@ -199,13 +164,13 @@ def evaluate_scan(scan: EvalScan, calibration: EvalCalibration | None) -> _ScanP
                    voxel_fpr=fp / negatives.size if negatives.size else None,
                    voxel_sensitivity=tp / positives.size if positives.size else None,
                    dice=2.0 * tp / (n_pred + positives.size) if positives.size else None)
-        kept = drop_small_components(pred, volume.voxel_volume_ml, calibration.min_volume_ml)
-        lesions = lesion_detection(kept, gt)
+        lesions = lesion_detection(calibration.lesion_mask(pred, volume.voxel_volume_ml), gt)
         row.update(n_lesions=lesions.n_lesions, n_detected=lesions.n_detected,
                    lesion_sensitivity=lesions.sensitivity,
                    n_false_positive_components=lesions.n_false_positive_components)
-        if calibration.scan_threshold is not None and math.isfinite(scan.score):
-            row["flagged"] = bool(scan.score >= calibration.scan_threshold)
+        flagged = calibration.flag(scan.score)
+        if flagged is not None:
+            row["flagged"] = flagged
     return _ScanPart(row, positives, negatives, lesions, bool(truth.any()),
                      (float(amap.min()), float(amap.max())))
 
@@ -223,12 +188,8 @@ def curve_at_quantiles(ranked: RankedScores, points: int = CURVE_POINTS) -> tupl
     return thresholds.astype(np.float64), tp, fp
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> Path:
-    return write_text_atomic(path, json.dumps(to_jsonable(data), indent=2, allow_nan=False) + "\n")
-
-
 def _plots(ranked: RankedScores, summary: dict[str, Any], scores: Sequence[float], scan_truth: Sequence[bool],
-           calibration: EvalCalibration | None, out: Path) -> dict[str, Path]:
+           calibration: Calibration | None, out: Path) -> dict[str, Path]:
     from anomaly.plots import plot_dice_curve, plot_pr, plot_roc, plot_score_histogram, save_figure
 
     files: dict[str, Path] = {}
@@ -358,13 +319,13 @@ def evaluate_run(store: Store, run_id: int | None, labels_dir: str | os.PathLike
     summary["mood"] = {"pixel_range": [pixel_lo, pixel_hi], "n_scans": len(paired),
                        "note": "pixel maps and scan scores rescaled by one shared affine map to [0, 1] "
                                "(global minimum and maximum), so every ranking is kept"}
-    files["summary"] = _write_json(out / "summary.json", summary)
+    files["summary"] = write_json(out / "summary.json", summary)
     record_label_paths(store, run_id, {s.input_path: s.label_path for s in paired if s.label_path is not None})
     return EvaluationReport(out_dir=out, summary=summary, rows=list(rows.values()), files=files)
 
 
 def record_label_paths(store: Store, run_id: int, labels: dict[str, Path]) -> int:
-    """Remember each result's label mask (``details["label_path"]``) so the dashboard can draw voxel curves."""
+    """Remember each result's label mask (``ResultDetails.label_path``) so the dashboard can draw voxel curves."""
     from sqlalchemy import select
 
     from anomaly.store.schema import Result
@@ -374,7 +335,8 @@ def record_label_paths(store: Store, run_id: int, labels: dict[str, Path]) -> in
         for result in s.scalars(select(Result).where(Result.run_id == run_id)):
             label = labels.get(result.input_path)
             if label is not None:
-                result.details = {**(result.details or {}), "label_path": str(Path(label).resolve())}
+                details = ResultDetails.from_dict(result.details)
+                result.details = replace(details, label_path=str(Path(label).resolve())).to_dict()
                 updated += 1
     return updated
 
@@ -384,7 +346,7 @@ def _mean(values: Iterable[Any]) -> float | None:
     return sum(finite) / len(finite) if finite else None
 
 
-def _summary(info: dict[str, Any], labels_dir: str | os.PathLike[str], cal: EvalCalibration | None,
+def _summary(info: dict[str, Any], labels_dir: str | os.PathLike[str], cal: Calibration | None,
              ranked: RankedScores, rows: dict[str, dict[str, Any]], lesions: LesionStats | None,
              scores: list[float], truth: list[bool], notes: list[str], *, n_ok: int, n_skipped: int,
              healthy_without_labels: bool) -> dict[str, Any]:
@@ -418,7 +380,7 @@ def _summary(info: dict[str, Any], labels_dir: str | os.PathLike[str], cal: Eval
     else:
         scan["auroc_note"] = "scan AUROC needs both abnormal and normal scans"
     if cal is not None and cal.scan_threshold is not None:
-        flagged = [s >= cal.scan_threshold for s, _ in finite]
+        flagged = [bool(cal.flag(s)) for s, _ in finite]
         abnormal = [f for f, (_, t) in zip(flagged, finite, strict=True) if t]
         normal = [f for f, (_, t) in zip(flagged, finite, strict=True) if not t]
         scan["at_threshold"] = {"threshold": cal.scan_threshold, "n_flagged": int(sum(flagged)),

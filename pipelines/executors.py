@@ -8,9 +8,10 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
+from anomaly.calibration import Calibration
 from anomaly.config import ScoringSettings
 from anomaly.models.base import SliceModel
-from pipelines.work import AppliedCalibration, Loaded, ScanOutcome, ScanTask, finish_scan, load_and_prepare
+from pipelines.work import Loaded, ScanOutcome, ScanTask, finish_scan, load_and_prepare
 
 
 class Executor(Protocol):
@@ -19,7 +20,7 @@ class Executor(Protocol):
     name: str
 
     def map(self, tasks: Iterable[ScanTask], model: SliceModel, settings: ScoringSettings,
-            calibration: AppliedCalibration | None = None, atlas: Any = None) -> Iterator[ScanOutcome]: ...
+            calibration: Calibration | None = None, atlas: Any = None) -> Iterator[ScanOutcome]: ...
 
 
 class LocalExecutor:
@@ -39,7 +40,7 @@ class LocalExecutor:
         return 2 if model.device.type != "cpu" or (os.cpu_count() or 1) > 4 else 0
 
     def map(self, tasks: Iterable[ScanTask], model: SliceModel, settings: ScoringSettings,
-            calibration: AppliedCalibration | None = None, atlas: Any = None) -> Iterator[ScanOutcome]:
+            calibration: Calibration | None = None, atlas: Any = None) -> Iterator[ScanOutcome]:
         ahead = self.read_ahead(model)
         if ahead == 0:
             for task in tasks:

@@ -6,6 +6,7 @@ input, so any executor (local threads, a Dask cluster) can run it and the driver
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import math
 import time
@@ -17,11 +18,13 @@ from typing import Any
 import numpy as np
 
 from anomaly.brain_extraction import StageUnavailable, find_user_mask
+from anomaly.calibration import Calibration
 from anomaly.config import ScoringSettings
 from anomaly.io.dicom import DicomSeries, load_series
 from anomaly.models.base import SliceModel
 from anomaly.outputs import output_path
 from anomaly.preprocess import PreparedVolume, prepare_scan
+from anomaly.records import ResultDetails
 from anomaly.scoring import ScanMaps, score_prepared
 from anomaly.volume import Volume, VolumeError, load_volume, max_volume_bytes, save_nifti
 
@@ -59,16 +62,6 @@ class ScanTask:
         return dict(self.source) or {"source": "nifti"}
 
 
-@dataclass(frozen=True)
-class AppliedCalibration:
-    """A stored calibration as scoring applies it: voxel threshold for masks, scan threshold for flags."""
-
-    name: str
-    voxel_threshold: float
-    scan_threshold: float | None = None
-    min_volume_ml: float = 0.05
-
-
 @dataclass
 class ScanOutcome:
     """What happened to one scan: status ``ok`` or ``failed``, the reason, outputs and facts."""
@@ -83,7 +76,7 @@ class ScanOutcome:
     mask_path: str | None = None
     timing_s: float | None = None
     facts: dict[str, Any] = field(default_factory=dict)
-    details: dict[str, Any] = field(default_factory=dict)
+    details: ResultDetails = field(default_factory=ResultDetails)
     findings: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -141,8 +134,8 @@ def check_model_grid(volume: Volume, settings: ScoringSettings, model: SliceMode
 
 
 def finish_scan(loaded: Loaded, model: SliceModel, settings: ScoringSettings,
-                calibration: AppliedCalibration | None = None, atlas: Any = None) -> ScanOutcome:
-    """Model work, outputs written atomically, findings when a calibration is applied."""
+                calibration: Calibration | None = None, atlas: Any = None) -> ScanOutcome:
+    """Model work, outputs written atomically; mask, flag and findings when a calibration is applied."""
     task = loaded.task
     if loaded.error is not None or loaded.volume is None or loaded.prepared is None:
         return ScanOutcome(task, "failed", error=loaded.error, timing_s=loaded.seconds)
@@ -159,13 +152,13 @@ def finish_scan(loaded: Loaded, model: SliceModel, settings: ScoringSettings,
                     else "the file name names none")
             warnings.append(f"contrast unknown ({what}): brightness counted as on T2/FLAIR; "
                             "pass --contrast t1 (or t2, flair) if that is wrong")
-        outcome.details = {"warnings": warnings,
-                           "timings": {"prepare_s": loaded.seconds, **maps.timings},
-                           "brain_volume_ml": loaded.prepared.brain_volume_ml,
-                           "n_slices": int(len(loaded.prepared.slices)),
-                           "contrast": loaded.prepared.contrast, **loaded.prepared.stages}
-        if task.contrast_note and settings.preprocess.contrast == "auto":
-            outcome.details["contrast_source"] = task.contrast_note
+        outcome.details = ResultDetails(
+            warnings=warnings, timings={"prepare_s": loaded.seconds, **maps.timings},
+            brain_volume_ml=loaded.prepared.brain_volume_ml, n_slices=int(len(loaded.prepared.slices)),
+            contrast=loaded.prepared.contrast,
+            contrast_source=task.contrast_note if task.contrast_note and settings.preprocess.contrast == "auto"
+            else None,
+            stages=dict(loaded.prepared.stages))
         outcome.map_path = str(save_nifti(maps.anomaly, volume.affine, task.output("anomaly")))
         save_nifti(maps.brain_mask.astype(np.uint8), volume.affine, task.output("brain"), dtype=np.uint8)
         if maps.reconstruction is not None:
@@ -203,14 +196,7 @@ def failure_reason(exc: BaseException, out_dir: Path) -> str:
 
 
 def _apply_calibration(outcome: ScanOutcome, maps: ScanMaps, volume: Volume,
-                       calibration: AppliedCalibration, atlas: Any) -> None:
-    from anomaly.findings import extract_findings
-
-    mask = (maps.anomaly >= calibration.voxel_threshold) & maps.brain_mask
-    outcome.mask_path = str(save_nifti(mask.astype(np.uint8), volume.affine, outcome.task.output("mask"),
-                                       dtype=np.uint8))
-    if calibration.scan_threshold is not None:
-        outcome.flagged = bool(outcome.score is not None and outcome.score >= calibration.scan_threshold)
+                       calibration: Calibration, atlas: Any) -> None:
     in_mni = False
     registration = maps.prepared.registration
     if atlas is not None and registration is not None:
@@ -219,16 +205,18 @@ def _apply_calibration(outcome: ScanOutcome, maps: ScanMaps, volume: Volume,
         from anomaly.atlas import is_mni_space
 
         in_mni = bool(is_mni_space(maps.brain_mask, volume.affine))
-    findings = extract_findings(maps.anomaly, mask, volume.affine, min_volume_ml=calibration.min_volume_ml,
-                                atlas=atlas, in_mni=in_mni,
+    applied = calibration.apply(maps.anomaly, maps.brain_mask, volume.affine, score=outcome.score, atlas=atlas,
+                                in_mni=in_mni,
                                 to_atlas=registration.native_to_template_points if registration is not None else None)
-    outcome.findings = [f.to_dict() for f in findings]
-    outcome.details["calibration"] = {"name": calibration.name, "voxel_threshold": calibration.voxel_threshold,
-                                      "scan_threshold": calibration.scan_threshold, "in_mni": in_mni}
+    outcome.mask_path = str(save_nifti(applied.mask.astype(np.uint8), volume.affine, outcome.task.output("mask"),
+                                       dtype=np.uint8))
+    outcome.flagged = applied.flagged
+    outcome.findings = [f.to_dict() for f in applied.findings]
+    outcome.details = dataclasses.replace(outcome.details, calibration=calibration.note(in_mni))
 
 
 def score_scan(task: ScanTask, model: SliceModel, settings: ScoringSettings,
-               calibration: AppliedCalibration | None = None, atlas: Any = None) -> ScanOutcome:
+               calibration: Calibration | None = None, atlas: Any = None) -> ScanOutcome:
     """The whole per-scan work in one call (what a remote worker runs)."""
     return finish_scan(load_and_prepare(task, model, settings), model, settings, calibration, atlas)
 

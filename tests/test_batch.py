@@ -236,7 +236,7 @@ def test_unknown_contrast_is_a_warning_when_the_map_depends_on_it(tmp_path: Path
     def warned(task: ScanTask) -> list[str]:
         outcome = score_scan(task, model, ScoringSettings())
         assert outcome.status == "ok", outcome.error
-        return [w for w in outcome.details["warnings"] if "contrast unknown" in w]
+        return [w for w in outcome.details.warnings if "contrast unknown" in w]
 
     assert not warned(tasks[0])  # a map without per-contrast terms does not care
     model.map_config = MapConfig(intensity_weight=1.5, intensity_floor={"t1": 99})

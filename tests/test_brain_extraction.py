@@ -150,17 +150,15 @@ def test_score_writes_the_extracted_brain_mask_on_the_input_grid(tmp_path: Path,
 def test_calibrations_made_before_these_settings_still_apply() -> None:
     """A calibration stored without the new preprocessing keys counts them at their defaults; a real
     change of brain extraction is still named."""
-    from types import SimpleNamespace
-
+    from anomaly.calibration import Calibration
     from anomaly.config import ScoringSettings
-    from pipelines.batch import calibration_settings_problem
 
     old = ScoringSettings().to_dict()
     for key in ("skull_strip", "skull_strip_size", "register", "register_transform"):
         del old["preprocess"][key]
-    cal = SimpleNamespace(data={"settings": old}, settings_hash="x", name="c", version=1)
+    cal = Calibration("manual", 1.0, settings=old, settings_hash="x", ref="c@1")
     now = ScoringSettings()
-    assert calibration_settings_problem(cal, now.hash(), now.to_dict()) is None
+    assert cal.settings_problem(now.hash(), now.to_dict()) is None
     forced = ScoringSettings(preprocess=PreprocessConfig(skull_strip="force"))
-    problem = calibration_settings_problem(cal, forced.hash(), forced.to_dict())
+    problem = cal.settings_problem(forced.hash(), forced.to_dict())
     assert problem is not None and "preprocess.skull_strip: 'auto' -> 'force'" in problem

@@ -155,28 +155,31 @@ def test_labelled_refuses_without_lesions_and_roundtrips(tmp_path) -> None:
     with pytest.raises(C.CalibrationError, match="the labelled set holds no lesion voxels"):
         C.calibrate_labelled(maps, masks, [np.zeros(SHAPE, bool)] * 3)
     result = C.calibrate_labelled(maps, masks, labels)
-    again = C.CalibrationResult.from_dict(result.to_dict())
+    again = C.Calibration.from_dict(result.to_dict())
     assert again == result
     path = result.save(tmp_path / "cal" / "calibration.json")
-    assert C.CalibrationResult.load(path) == result
+    assert C.Calibration.load(path) == result
     with pytest.raises(C.CalibrationError, match="lacks"):
-        C.CalibrationResult.from_dict({"method": "healthy-fpr"})
+        C.Calibration.from_dict({"method": "healthy-fpr"})
     with pytest.raises(C.CalibrationError, match="unknown"):
-        C.CalibrationResult("otsu", 1.0)
+        C.Calibration("otsu", 1.0)
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(C.CalibrationError, match="broken.json"):
-        C.CalibrationResult.load(tmp_path / "broken.json")
+        C.Calibration.load(tmp_path / "broken.json")
 
 
-def test_apply_threshold() -> None:
+def test_calibration_applies_its_thresholds() -> None:
     score = np.arange(27, dtype=np.float32).reshape(3, 3, 3)
     brain = np.ones((3, 3, 3), bool)
     brain[0] = False
-    mask = C.apply_threshold(score, brain, 20.0)
+    cal = C.Calibration("manual", 20.0, scan_threshold=5.0)
+    mask = cal.voxel_mask(score, brain)
     assert mask.dtype == bool and mask.sum() == 7 and not mask[0].any()
-    assert C.apply_threshold(score, None, 20.0).sum() == 7
+    assert cal.voxel_mask(score).sum() == 7
     with pytest.raises(ValueError, match="shape"):
-        C.apply_threshold(score, brain[:2], 1.0)
+        cal.voxel_mask(score, brain[:2])
     value = np.array([0.3], dtype=np.float32)  # float32 0.3 is 0.30000001192...
-    assert C.apply_threshold(value, None, float(value[0])).all()
-    assert not C.apply_threshold(value, None, float(value[0]) + 1e-12).any()  # not rounded down to float32
+    assert C.Calibration("manual", float(value[0])).voxel_mask(value).all()
+    assert not C.Calibration("manual", float(value[0]) + 1e-12).voxel_mask(value).any()  # not rounded down to float32
+    assert cal.flag(5.0) is True and cal.flag(4.999) is False and cal.flag(float("nan")) is None
+    assert C.Calibration("manual", 1.0).flag(9.0) is None  # no scan threshold, no flag

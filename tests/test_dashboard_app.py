@@ -206,7 +206,7 @@ def test_viewer_outlines_the_brain_mask_written_beside_the_map(filled: FilledDB)
         detail = get_result_detail(s, filled.ok_ids[0])
     store.close()
     vols = load_scan(detail, with_brain=True)
-    assert vols.brain is not None and vols.brain.volume.shape == vols.map.volume.shape
+    assert vols.brain is not None and vols.brain.volume.shape == vols.anomaly.volume.shape
     assert load_scan(detail).brain is None
     picture = render_plane(vols.input.volume, "axial", 24, window=vols.input.window, brain=vols.brain.volume)
     assert (picture == np.array(BRAIN_COLOR, np.uint8)).all(axis=-1).sum() > 50

@@ -89,7 +89,7 @@ def test_result_file_applies_the_rule_per_kind(layout: SimpleNamespace) -> None:
         input_path="/data/in/a.nii.gz",
         details={"label_path": "/data/labels/a.nii.gz"},
     )
-    assert result_file(result, str(layout.out), "map") == (layout.out / "a_anomaly.nii.gz").resolve()
+    assert result_file(result, str(layout.out), "anomaly") == (layout.out / "a_anomaly.nii.gz").resolve()
     with pytest.raises(UnsafePathError, match="recon file"):
         result_file(result, str(layout.out), "recon")
     assert result_file(result, str(layout.out), "mask") is None

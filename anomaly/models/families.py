@@ -8,11 +8,11 @@ architecture, so a wrong download is a clear error rather than a silently differ
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from anomaly.config import ConfigError, load_yaml
+from anomaly.configparse import ConfigError, build, load_yaml
 from anomaly.preprocess import InputSpec
 
 FAMILIES_ENV = "ANOMALY_FAMILIES_DIR"
@@ -46,7 +46,7 @@ class ModelFamily:
     hub_repo: str | None = None
     force_fp32: bool = False
     how_to_get: str = ""
-    source: Path | None = field(default=None, compare=False)
+    source: Path | None = field(default=None, compare=False, metadata={"parse": False})
 
     def mismatches(self, vae_config: dict[str, Any]) -> list[str]:
         """Architecture keys where ``vae_config`` differs from this family (empty when it is one of them)."""
@@ -69,29 +69,16 @@ def _plain(value: Any) -> Any:
 
 
 def parse_family(data: dict[str, Any], source: Path | None = None) -> ModelFamily:
-    """A family from a parsed YAML mapping; errors name the file and the key."""
+    """A family from a parsed YAML mapping, through the strict builder; errors name the file and the key."""
     where = f"{source}: " if source else ""
-    allowed = {"name", "description", "autoencoder", "input_spec", "hub_repo", "force_fp32", "how_to_get"}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
-    for key in ("name", "autoencoder", "input_spec"):
-        if key not in data:
-            raise ConfigError(f"{where}missing {key!r}: a model family needs a name, an autoencoder configuration "
-                              "and an input_spec")
-    autoencoder = dict(data["autoencoder"] or {})
-    missing = [k for k in ARCHITECTURE_KEYS if k not in autoencoder]
+    family = build(ModelFamily, data, source=source)
+    missing = [k for k in ARCHITECTURE_KEYS if k not in family.autoencoder]
     if missing:
         raise ConfigError(f"{where}autoencoder lacks {', '.join(missing)}: write out the whole architecture")
-    spec = dict(data["input_spec"] or {})
-    try:
-        input_spec = InputSpec(slice_size=int(spec["slice_size"]), spacing=tuple(float(s) for s in spec["spacing"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}input_spec needs slice_size and spacing: [x, y, z] in mm ({exc})") from exc
-    return ModelFamily(name=str(data["name"]), description=str(data.get("description", "")), autoencoder=autoencoder,
-                       input_spec=input_spec, hub_repo=data.get("hub_repo"), force_fp32=bool(data.get("force_fp32")),
-                       how_to_get=" ".join(str(data.get("how_to_get", "")).split()),
-                       source=source)
+    spec = data["input_spec"]
+    if not {"slice_size", "spacing"} <= set(spec):
+        raise ConfigError(f"{where}input_spec needs slice_size and spacing: [x, y, z] in mm")
+    return replace(family, how_to_get=" ".join(family.how_to_get.split()), source=source)
 
 
 def load_families(folder: str | os.PathLike[str] | None = None) -> dict[str, ModelFamily]:
@@ -99,7 +86,7 @@ def load_families(folder: str | os.PathLike[str] | None = None) -> dict[str, Mod
     folder = Path(folder) if folder is not None else families_dir()
     if not folder.is_dir():
         return {}
-    families = {}
+    families: dict[str, ModelFamily] = {}
     for path in sorted(folder.glob("*.yaml")):
         family = parse_family(load_yaml(path), path)
         if family.name in families:

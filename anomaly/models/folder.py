@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -12,6 +11,8 @@ from typing import Any
 
 from diffusers import AutoencoderKL
 
+from anomaly.configparse import build, load_json
+from anomaly.jsonio import write_json
 from anomaly.models.autoencoder import AutoencoderSliceModel, MapConfig
 from anomaly.models.restoration import LatentDiffusionHealer, load_restoration
 from anomaly.preprocess import InputSpec
@@ -50,7 +51,8 @@ def default_input_spec(vae_config: dict[str, Any]) -> InputSpec:
 
 def read_model_config(folder: Path) -> dict[str, Any] | None:
     """The folder's ``anomaly_model.json``, or None for a bare diffusers folder."""
-    return json.loads((folder / MODEL_CONFIG).read_text()) if (folder / MODEL_CONFIG).is_file() else None
+    path = folder / MODEL_CONFIG
+    return load_json(path, MODEL_CONFIG) if path.is_file() else None
 
 
 def vae_folder(folder: str | os.PathLike[str]) -> Path:
@@ -76,6 +78,8 @@ def load_model_folder(folder: str | os.PathLike[str], *, name: str | None = None
     config = read_model_config(folder)
     vae_dir = _vae_dir(folder, config)
     meta = config or {}
+    meta_path = folder / MODEL_CONFIG
+    map_config = build(MapConfig, meta.get("map"), "map.", source=meta_path)
     if not (vae_dir / "config.json").is_file():
         raise ModelLoadError(f"{vae_dir}: no config.json; a model folder needs config.json and "
                              "diffusion_pytorch_model.safetensors as written by AutoencoderKL.save_pretrained")
@@ -83,14 +87,14 @@ def load_model_folder(folder: str | os.PathLike[str], *, name: str | None = None
         vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{vae_dir}: cannot load the AutoencoderKL weights: {exc}") from exc
-    spec = InputSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["input_spec"].items()}) \
+    spec = build(InputSpec, meta["input_spec"], "input_spec.", source=meta_path) \
         if "input_spec" in meta else (input_spec or default_input_spec(dict(vae.config)))
     restoration = None
     if meta.get("restoration"):
         restoration = load_restoration(folder / meta["restoration"], **restoration_overrides)
     return AutoencoderSliceModel(
         vae, name=name or meta.get("name") or folder.name, weights_hash=weights_hash(folder), input_spec=spec,
-        restoration=restoration, map_config=MapConfig(**meta.get("map", {})), precision=precision,
+        restoration=restoration, map_config=map_config, precision=precision,
         force_fp32=bool(meta.get("force_fp32", False) if force_fp32 is None else force_fp32),
     )
 
@@ -110,5 +114,5 @@ def save_model_folder(folder: str | os.PathLike[str], vae: AutoencoderKL, *, nam
     if restoration is not None:
         restoration.save_pretrained(folder / "healer")
         meta["restoration"] = "healer"
-    (folder / MODEL_CONFIG).write_text(json.dumps(meta, indent=2, default=list))
+    write_json(folder / MODEL_CONFIG, meta)
     return folder

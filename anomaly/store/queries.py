@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, and_, case, false, func, literal, or_, select, text
 from sqlalchemy.orm import Session, joinedload, selectinload
 
+from anomaly.jsonio import to_jsonable
 from anomaly.store.schema import (
     CALIBRATION_METHODS,
     RESULT_STATUSES,
@@ -55,32 +56,6 @@ class NotFoundError(LookupError):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def to_jsonable(value: Any) -> Any:
-    """A copy of ``value`` that JSON columns accept on every backend.
-
-    Tuples become lists, numpy scalars and arrays plain numbers and lists, paths strings and
-    non-finite floats None (PostgreSQL's JSON type rejects NaN and infinity).
-    """
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
-        return to_jsonable(value.tolist())
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [to_jsonable(v) for v in value]
-    raise TypeError(
-        f"cannot store {type(value).__name__} value {value!r} in a JSON column; "
-        "convert it to numbers, strings, lists or dicts first"
-    )
 
 
 def _id(obj: Any, what: str) -> int:

@@ -13,7 +13,9 @@ import pandas as pd
 import streamlit as st
 from sqlalchemy import select
 
+from anomaly.calibration import Calibration
 from anomaly.outputs import sibling
+from anomaly.records import CalibrationData, ResultDetails
 from anomaly.store import (
     Result,
     RunSummary,
@@ -33,7 +35,7 @@ from dashboard.curves import (
     verdict_labels,
     voxel_curves,
 )
-from dashboard.paths import LABEL_KEY, UnsafePathError, result_file
+from dashboard.paths import UnsafePathError, result_file
 from dashboard.text import plain
 from dashboard.views.common import empty_runs, selected_run
 from dashboard.volumes import VolumeLoadError, load
@@ -100,7 +102,7 @@ def labelled_results(store: Store, run_id: int) -> list[Result]:
                 .order_by(Result.score.desc())
             )
         )
-    return [r for r in results if isinstance(r.details, dict) and r.details.get(LABEL_KEY)]
+    return [r for r in results if ResultDetails.from_dict(r.details).label_path]
 
 
 @st.cache_data(max_entries=8, show_spinner="Pooling labelled voxels…")
@@ -127,14 +129,14 @@ def voxel_section(store: Store, run_id: int, out_dir: str) -> VoxelCurves | None
     if not labelled:
         st.caption(
             "Voxel-level ROC/PR and Dice-versus-threshold need label masks. None are recorded for this run "
-            f"(a result's `details['{LABEL_KEY}']`, written when scans are scored or evaluated with labels); "
+            "(a result's label path, recorded when scans are evaluated with labels); "
             "`anomaly evaluate --labels DIR` computes them offline."
         )
         return None
     sources, problems = [], []
     for result in labelled[:MAX_LABELLED]:
         try:
-            map_path, label_path = result_file(result, out_dir, "map"), result_file(result, out_dir, "label")
+            map_path, label_path = result_file(result, out_dir, "anomaly"), result_file(result, out_dir, "label")
         except UnsafePathError as exc:
             problems.append(str(exc))
             continue
@@ -176,7 +178,8 @@ def _init(run_id: int, scan_default: float, voxel_default: float | None) -> None
         ss[CAL_RUN] = run_id
 
 
-def _save(store: Store, run_id: int, model_id: int, settings_hash: str, metrics: dict[str, Any]) -> None:
+def _save(store: Store, run_id: int, model_id: int, settings_hash: str, settings: dict[str, Any] | None,
+          metrics: dict[str, Any]) -> None:
     ss = st.session_state
     name = str(ss.get(NAME, "") or "").strip()
     voxel = ss.get(VOXEL_THRESHOLD)
@@ -193,12 +196,13 @@ def _save(store: Store, run_id: int, model_id: int, settings_hash: str, metrics:
                 float(voxel),
                 scan_threshold=float(ss[SCAN_THRESHOLD]),
                 settings_hash=settings_hash,
-                data={
-                    "source": "dashboard",
-                    "run_id": run_id,
-                    "reviewer": ss.get(state.REVIEWER) or None,
-                    "scan_labels": "review verdicts: confirmed finding = abnormal; normal, false positive = normal",
-                },
+                data=CalibrationData(
+                    source="dashboard",
+                    run_id=run_id,
+                    reviewer=ss.get(state.REVIEWER) or None,
+                    scan_labels="review verdicts: confirmed finding = abnormal; normal, false positive = normal",
+                    settings=settings,
+                ).to_dict(),
                 metrics=metrics,
             )
             ref = saved.ref
@@ -222,7 +226,8 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
         rows = run_results(s, run.run_id, status="ok", order="score_desc")
         run_row = get_run(s, run.run_id)
         model_id, settings_hash, out_dir = run_row.model_id, run_row.settings_hash, run_row.out_dir
-        current = run_row.calibration
+        run_settings = dict(run_row.settings) if run_row.settings else None
+        current = Calibration.from_stored(run_row.calibration) if run_row.calibration is not None else None
         calibrations = list_calibrations(s, model_id)
         saved_rows = [
             {
@@ -250,7 +255,7 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
     _init(
         run.run_id,
         float(min(max(scan_default, low), high)),
-        None if current is None else float(current.voxel_threshold),
+        None if current is None else current.voxel_threshold,
     )
     ss = st.session_state
     ss[SCAN_THRESHOLD] = float(min(max(float(ss[SCAN_THRESHOLD]), low), high))
@@ -387,7 +392,7 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
             icon=":material/save:",
             type="primary",
             on_click=_save,
-            args=(store, run.run_id, model_id, settings_hash, metrics),
+            args=(store, run.run_id, model_id, settings_hash, run_settings, metrics),
         )
     if saved_rows:
         st.markdown("**Calibrations of this model**")

@@ -11,6 +11,8 @@ from typing import Any
 
 import streamlit as st
 
+from anomaly.calibration import Calibration
+from anomaly.records import ResultDetails
 from anomaly.store import (
     Finding,
     ResultDetail,
@@ -87,7 +89,7 @@ class ScanVolumes:
     """The files of one result as loaded volumes (any may be missing) and why some could not be shown."""
 
     input: LoadedVolume | None = None
-    map: LoadedVolume | None = None
+    anomaly: LoadedVolume | None = None
     recon: LoadedVolume | None = None
     mask: LoadedVolume | None = None
     brain: LoadedVolume | None = None
@@ -97,7 +99,7 @@ class ScanVolumes:
     @property
     def reference(self) -> LoadedVolume | None:
         """The volume that fixes the grid: the map, else the input, else the reconstruction."""
-        return self.map or self.input or self.recon
+        return self.anomaly or self.input or self.recon
 
 
 def load_scan(detail: ResultDetail, with_mask: bool = False, with_brain: bool = False) -> ScanVolumes:
@@ -105,7 +107,7 @@ def load_scan(detail: ResultDetail, with_mask: bool = False, with_brain: bool = 
     brain mask only when their outlines are asked for); every refusal or failure is kept as a message."""
     out = ScanVolumes()
     wanted: list[tuple[str, Path]] = []
-    kinds = ["map", "input", "recon"] + (["mask"] if with_mask else []) + (["brain"] if with_brain else [])
+    kinds = ["anomaly", "input", "recon"] + (["mask"] if with_mask else []) + (["brain"] if with_brain else [])
     for kind in kinds:
         try:
             path = result_file(detail.result, detail.out_dir, kind)
@@ -140,7 +142,7 @@ def prefetch_next(store: Store, result_id: int | None) -> None:
     if upcoming is None or upcoming.result.status != "ok":
         return
     paths = []
-    for kind in ("map", "input", "recon", "brain"):
+    for kind in ("anomaly", "input", "recon", "brain"):
         try:
             path = result_file(upcoming.result, upcoming.out_dir, kind)
         except UnsafePathError:
@@ -153,7 +155,7 @@ def prefetch_next(store: Store, result_id: int | None) -> None:
 def calibrated_threshold(detail: ResultDetail) -> float | None:
     """The voxel threshold of the run's calibration, when the run has one."""
     calibration = detail.run.calibration
-    return None if calibration is None else float(calibration.voxel_threshold)
+    return None if calibration is None else Calibration.from_stored(calibration).voxel_threshold
 
 
 def finding_label(f: Finding) -> str:
@@ -169,8 +171,8 @@ def jump_targets(detail: ResultDetail, vols: ScanVolumes) -> dict[str, tuple[tup
         return {}
     volume = reference.volume
     targets: dict[str, tuple[tuple[int, int, int], str]] = {}
-    if vols.map is not None:
-        targets["peak"] = (vols.map.volume.peak_voxel(), "peak of the anomaly map")
+    if vols.anomaly is not None:
+        targets["peak"] = (vols.anomaly.volume.peak_voxel(), "peak of the anomaly map")
     for f in detail.findings:
         targets[f"finding-{f.id}"] = (volume.world_to_voxel((f.peak_x, f.peak_y, f.peak_z)), finding_label(f))
     targets["centre"] = (volume.center_voxel(), "centre of the volume")
@@ -202,7 +204,7 @@ def _nice_step(span: float) -> float:
 
 
 def _slider_top(vols: ScanVolumes, calibrated: float | None) -> float:
-    top = vols.map.vmax if vols.map is not None else 1.0
+    top = vols.anomaly.vmax if vols.anomaly is not None else 1.0
     if calibrated is not None:
         top = max(top, calibrated * 1.05)
     return top if top > 0 else 1.0
@@ -224,8 +226,8 @@ def init_scan(detail: ResultDetail, vols: ScanVolumes, targets: dict[str, Any]) 
         pass  # the reader chose to keep their own threshold from scan to scan
     elif calibrated is not None:
         ss[THRESHOLD] = float(calibrated)
-    elif vols.map is not None:
-        ss[THRESHOLD] = float(vols.map.p99)
+    elif vols.anomaly is not None:
+        ss[THRESHOLD] = float(vols.anomaly.p99)
     review.reset(detail)
     ss[LOADED] = detail.result.id
 
@@ -259,7 +261,7 @@ def toolbar(detail: ResultDetail, vols: ScanVolumes, targets: dict[str, Any]) ->
             width="stretch",
             help="Move the crosshair to the chosen target again.",
         )
-    if vols.map is None:
+    if vols.anomaly is None:
         return
     calibrated = calibrated_threshold(detail)
     top = _slider_top(vols, calibrated)
@@ -325,11 +327,11 @@ def _auto_window(window: tuple[float, float]) -> None:
 
 def _style(vols: ScanVolumes) -> OverlayStyle | None:
     ss = st.session_state
-    if vols.map is None or not ss.get(SHOW_OVERLAY, True):
+    if vols.anomaly is None or not ss.get(SHOW_OVERLAY, True):
         return None
     return OverlayStyle(
         threshold=float(ss[THRESHOLD]),
-        vmax=max(vols.map.vmax, float(ss[THRESHOLD]) + 1e-6),
+        vmax=max(vols.anomaly.vmax, float(ss[THRESHOLD]) + 1e-6),
         cmap=ss.get(CMAP, "hot"),
         opacity=float(ss.get(OPACITY, 0.6)),
     )
@@ -358,7 +360,7 @@ def planes(vols: ScanVolumes) -> None:
                 plane,
                 index,
                 window=window,
-                overlay_map=vols.map.volume if style is not None and vols.map else None,
+                overlay_map=vols.anomaly.volume if style is not None and vols.anomaly else None,
                 style=style,
                 mask=vols.mask.volume if vols.mask and ss.get(SHOW_MASK) else None,
                 brain=vols.brain.volume if vols.brain and ss.get(SHOW_BRAIN) else None,
@@ -366,13 +368,13 @@ def planes(vols: ScanVolumes) -> None:
                 target=IMAGE_SIZE,
             )
         else:
-            assert vols.map is not None
+            assert vols.anomaly is not None
             picture = render_map(
-                vols.map.volume,
+                vols.anomaly.volume,
                 plane,
                 index,
                 vmin=0.0,
-                vmax=vols.map.vmax,
+                vmax=vols.anomaly.vmax,
                 cmap=ss.get(CMAP, "hot"),
                 threshold=float(ss[THRESHOLD]),
                 crosshair=position,
@@ -427,11 +429,11 @@ def compare(vols: ScanVolumes) -> None:
         )
     else:
         c2.info("No reconstruction was saved for this scan.")
-    if vols.map is not None:
-        top = residual_top(vols.map, float(ss[THRESHOLD]))
+    if vols.anomaly is not None:
+        top = residual_top(vols.anomaly, float(ss[THRESHOLD]))
         c3.image(
             render_map(
-                vols.map.volume,
+                vols.anomaly.volume,
                 plane,
                 index,
                 vmin=0.0,
@@ -508,17 +510,17 @@ def view_3d(vols: ScanVolumes) -> None:
                 cal_max=high,
             )
         )
-    if vols.map is not None:
+    if vols.anomaly is not None:
         layers.append(
             layer(
-                vols.sources["map"],
+                vols.sources["anomaly"],
                 "anomaly.nii.gz",
-                vols.map.volume,
+                vols.anomaly.volume,
                 low=0.0,
-                high=max(vols.map.vmax, 1e-6),
+                high=max(vols.anomaly.vmax, 1e-6),
                 colormap=ss.get(CMAP, "hot"),
                 cal_min=float(ss[THRESHOLD]),
-                cal_max=max(vols.map.vmax, float(ss[THRESHOLD]) + 1e-6),
+                cal_max=max(vols.anomaly.vmax, float(ss[THRESHOLD]) + 1e-6),
                 opacity=float(ss.get(OPACITY, 0.6)) if ss.get(SHOW_OVERLAY, True) else 0.0,
             )
         )
@@ -547,8 +549,7 @@ def details(detail: ResultDetail, vols: ScanVolumes) -> None:
             "content hash": scan.content_hash,
         }
         st.table({"": list(rows), "value": [plain(v) for v in rows.values()]})
-        warnings = (result.details or {}).get("warnings") or []
-        for warning in warnings:
+        for warning in ResultDetails.from_dict(result.details).warnings:
             st.caption(f":material/warning: {plain(warning)}")
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from anomaly.records import DEFAULT_MIN_VOLUME_ML, CalibrationData
 from pipelines.commands.common import (
     UserError,
     add_contrast_option,
@@ -51,8 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_contrast_option(p)
     add_raw_input_options(p)
     p.add_argument("--batch-size", type=int, help="slices per model call (speed only)")
-    p.add_argument("--min-volume-ml", type=float, default=0.05,
-                   help="smallest finding kept when the calibration is applied (default 0.05 mL)")
+    p.add_argument("--min-volume-ml", type=float, default=DEFAULT_MIN_VOLUME_ML,
+                   help=f"smallest finding kept when the calibration is applied (default {DEFAULT_MIN_VOLUME_ML} mL)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                    help="bootstrap draws over scans for 95%% confidence intervals (default 1000; 0 = none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws")
@@ -70,6 +71,10 @@ def _ci(metrics: dict[str, Any], key: str) -> str:
     return f" (95% CI {_fmt(ci[0])} to {_fmt(ci[1])})" if ci else ""
 
 
+def _n_scans(data: CalibrationData) -> int:
+    return data.n_scans if data.n_scans is not None else len(data.scans)
+
+
 def run_list(args: argparse.Namespace) -> int:
     from anomaly.store import list_calibrations
 
@@ -77,7 +82,7 @@ def run_list(args: argparse.Namespace) -> int:
     try:
         with store.session() as s:
             rows = [(c.ref, c.model.name, c.method, c.voxel_threshold, c.scan_threshold, c.target_fpr,
-                     (c.data or {}).get("n_scans", len((c.data or {}).get("scans", []))), c.created_at)
+                     _n_scans(CalibrationData.from_dict(c.data)), c.created_at)
                     for c in list_calibrations(s)]
     finally:
         store.close()

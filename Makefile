@@ -41,8 +41,10 @@ demo: demo-score
 test: setup
 	$(BIN)/python -m pytest -q
 
+# ruff, then mypy over anomaly, pipelines and dashboard (configured in pyproject.toml)
 lint: setup
 	$(BIN)/ruff check anomaly pipelines dashboard tests benchmarks setup.py
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) results data/sample .pytest_cache

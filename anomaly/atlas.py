@@ -12,9 +12,11 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
+from nibabel.spatialimages import SpatialImage
 
 TEMPLATE_DIR = Path("/usr/share/mricron/templates")
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "atlases"
@@ -127,7 +129,7 @@ def _load(name: str, folder: Path) -> Atlas:
     for path in (image_path, label_path):
         if not path.is_file():
             raise AtlasError(f"atlas {name!r}: {path} is missing; {INSTALL_HINT}")
-    image = nib.load(str(image_path))
+    image = cast(SpatialImage, nib.load(str(image_path)))
     data = np.asarray(image.dataobj)
     if data.ndim != 3 or data.dtype.kind not in "iu":
         raise AtlasError(f"atlas {name!r}: {image_path} is not a 3D integer label volume; reinstall mricron-data")
@@ -186,18 +188,19 @@ def _mni_template() -> _MniTemplate:
     from scipy import ndimage
 
     folder = _nilearn_data_dir()
-    tissue = None
-    affine = None
+    tissue: np.ndarray | None = None
+    affine: np.ndarray | None = None
     for kind in ("gm", "wm"):
         path = folder / f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
         if not path.is_file():
             raise AtlasError(f"MNI152 template {path} is missing; reinstall nilearn (`pip install --force-reinstall nilearn`)")
-        image = nib.load(str(path))
+        image = cast(SpatialImage, nib.load(str(path)))
         part = np.asarray(image.dataobj, dtype=np.float32)
         part /= 255.0 if part.max() > 1.0 else 1.0  # packaged as uint8 probabilities
         tissue = part if tissue is None else tissue + part
         affine = np.asarray(image.affine, dtype=np.float64)
-    mask = tissue > MNI_TISSUE_THRESHOLD
+    assert tissue is not None and affine is not None
+    mask = np.asarray(tissue > MNI_TISSUE_THRESHOLD)
     # the core is found on every second voxel: a smooth deep region, and the distance transform is 8x cheaper
     coarse_affine = affine @ np.diag([2.0, 2.0, 2.0, 1.0])
     depth = ndimage.distance_transform_edt(mask[::2, ::2, ::2],

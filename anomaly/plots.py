@@ -102,7 +102,7 @@ def plot_score_histogram(scan_scores: Sequence[float] | np.ndarray, threshold: f
     """Histogram of scan scores, split into normal and abnormal when ``labels`` are given."""
     scores = np.asarray(scan_scores, dtype=np.float64).reshape(-1)
     fig, ax = _figure(title, "scan score", "scans")
-    edges = np.histogram_bin_edges(scores, bins=bins) if scores.size else bins
+    edges = np.histogram_bin_edges(scores, bins=bins).tolist() if scores.size else bins
     if labels is None:
         ax.hist(scores, bins=edges, color="steelblue", alpha=0.8, label="scans")
     else:

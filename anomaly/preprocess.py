@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -97,7 +97,7 @@ class ScaleInBrain(Transform):
         self.lower, self.upper, self.max_value = lower, upper, max_value
         self.last_range: tuple[float, float] = (0.0, 1.0)
 
-    def __call__(self, img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def __call__(self, img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         inside = img[mask]
         lo, hi = (float(v) for v in torch.quantile(_subsample(inside), torch.tensor(
             [self.lower / 100, self.upper / 100], dtype=inside.dtype)))
@@ -140,11 +140,11 @@ def prepare_volume(volume: Volume, config: PreprocessConfig, spec: InputSpec,
         channels = [channels[0] * torch.as_tensor(brain_mask, dtype=torch.float32),
                     torch.as_tensor(brain_mask, dtype=torch.float32)]
     img = MetaTensor(torch.stack(channels), affine=torch.as_tensor(volume.affine, dtype=torch.float64))
-    img = Orientation(axcodes=config.orientation, labels=_LABELS)(img)
-    img = Spacing(pixdim=spacing, mode="bilinear", padding_mode="zeros", dtype=np.float32)(img)
+    img = cast(MetaTensor, Orientation(axcodes=config.orientation, labels=_LABELS)(img))
+    img = cast(MetaTensor, Spacing(pixdim=spacing, mode="bilinear", padding_mode="zeros", dtype=np.float32)(img))
     if brain_mask is not None:
-        mask = torch.as_tensor(largest_component(img[1].as_tensor().numpy() > 0.5))[None]
-        img = img[:1] * mask
+        mask = torch.as_tensor(largest_component(img.as_tensor()[1].numpy() > 0.5))[None]
+        img = cast(MetaTensor, img[:1] * mask)
     else:
         mask = BrainMask(config.mask_tolerance)(img)
     voxel_ml = float(np.prod(spacing)) / 1000.0
@@ -159,15 +159,15 @@ def prepare_volume(volume: Volume, config: PreprocessConfig, spec: InputSpec,
             "anomaly maps assume skull-stripped input: score it with --skull-strip auto (or force), or give its "
             "brain mask with --brain-mask")
     scale = ScaleInBrain(config.lower_percentile, config.upper_percentile, config.max_value)
-    img = scale(img, mask)
+    img = cast(MetaTensor, scale(img, mask))
     both = MetaTensor(torch.cat([img.as_tensor(), mask.float()]), affine=img.affine)
-    both = CropForeground(select_fn=lambda x: x > 0, channel_indices=1, margin=2)(both)
+    both = cast(MetaTensor, CropForeground(select_fn=lambda x: x > 0, channel_indices=1, margin=2)(both))
     brain_extent = both.shape[1:3]
-    both = ResizeWithPadOrCrop(spatial_size=(size, size, -1))(both)
+    both = cast(MetaTensor, ResizeWithPadOrCrop(spatial_size=(size, size, -1))(both))
     if max(brain_extent) > size + 4:
         warnings.append(f"brain extent {tuple(brain_extent)} voxels exceeds the {size}-pixel slice; edges were cropped")
-    image = both[0].as_tensor().numpy().astype(np.float32)
-    box_mask = both[1].as_tensor().numpy() > 0.5
+    image = both.as_tensor()[0].numpy().astype(np.float32)
+    box_mask = both.as_tensor()[1].numpy() > 0.5
     area = box_mask.sum(axis=(0, 1))
     slices = np.flatnonzero(area >= config.min_slice_brain_fraction * size * size)
     return PreparedVolume(
@@ -184,9 +184,9 @@ def to_native(array: np.ndarray, prepared: PreparedVolume, mode: str = "bilinear
     shape, affine = (reg.shape, reg.affine) if reg is not None else (prepared.native_shape, prepared.native_affine)
     src = MetaTensor(torch.as_tensor(np.asarray(array, dtype=np.float32))[None],
                      affine=torch.as_tensor(prepared.affine, dtype=torch.float64))
-    out = SpatialResample(mode=mode, padding_mode="zeros", dtype=np.float32)(
-        src, dst_affine=torch.as_tensor(affine, dtype=torch.float64), spatial_size=shape)
-    grid = np.asarray(out[0].as_tensor().numpy(), dtype=np.float32)
+    out = cast(MetaTensor, SpatialResample(mode=mode, padding_mode="zeros", dtype=np.float32)(
+        src, dst_affine=torch.as_tensor(affine, dtype=torch.float64), spatial_size=shape))
+    grid = np.asarray(out.as_tensor()[0].numpy(), dtype=np.float32)
     return reg.to_native(grid, mode) if reg is not None else grid
 
 

@@ -20,10 +20,11 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
+from nibabel.spatialimages import SpatialImage
 
 from anomaly.brain_extraction import StageUnavailable
 from anomaly.volume import Volume, VolumeError
@@ -74,7 +75,7 @@ def mni152_template_path() -> Path:
 def mni152_template(grid_mm: float = 1.0) -> Template:
     """The template as arrays (on its own 1 mm grid, or resampled to ``grid_mm``); its brain mask is the
     template's non-zero voxels."""
-    img = nib.load(str(mni152_template_path()))
+    img = cast(SpatialImage, nib.load(str(mni152_template_path())))
     if grid_mm != 1.0:
         from nibabel.processing import resample_to_output
 

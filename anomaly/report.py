@@ -9,10 +9,11 @@ import html
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
+from nibabel.spatialimages import SpatialImage
 
 from anomaly.viz import OverlayStyle, auto_window, render_plane, to_canonical, to_png
 
@@ -44,7 +45,7 @@ class ReportImage:
 def _load(path: Path | None) -> tuple[np.ndarray, np.ndarray] | None:
     if path is None or not Path(path).is_file():
         return None
-    image = nib.load(str(path))
+    image = cast(SpatialImage, nib.load(str(path)))
     return np.asarray(image.dataobj, dtype=np.float32).reshape(image.shape[:3]), image.affine
 
 

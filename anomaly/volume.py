@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import math
 import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import nibabel as nib
 import numpy as np
@@ -435,7 +436,7 @@ def _check_header(path: Path, header: nib.Nifti1Header, size: int, compressed: b
                           f"the budget of {_mb(budget)}",
                           f"if the header is right, raise the budget (--max-volume-mb or {MAX_VOLUME_MB_ENV}) "
                           "on a machine with the memory, or downsample the scan; otherwise re-export it")
-    return _Checked(shape_on_disk=shape, shape=spatial, squeezed=len(shape) > 3, affine=affine,
+    return _Checked(shape_on_disk=shape, shape=cast(tuple[int, int, int], spatial), squeezed=len(shape) > 3, affine=affine,
                     dtype=str(dtype.newbyteorder("=")), slope=slope, inter=inter, notes=notes)
 
 
@@ -527,7 +528,7 @@ def _read_voxels(path: Path, header: nib.Nifti1Header, handle: BinaryIO, shape: 
     dtype = header.get_data_dtype()
     offset = _data_offset(path, header)
     if not compressed:
-        return array_from_file(shape, dtype, handle, offset, order="F", mmap="r")
+        return array_from_file(shape, dtype, cast(io.IOBase, handle), offset, order="F", mmap="r")
     nbytes = math.prod(shape) * dtype.itemsize
     handle.seek(offset)
     buffer = bytearray(nbytes)

@@ -9,10 +9,12 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
 import streamlit as st
+from nibabel.spatialimages import SpatialImage
 from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
 from anomaly.viz import CanonicalVolume, auto_window, to_canonical
@@ -43,7 +45,7 @@ class LoadedVolume:
 def read_canonical(path: str | Path) -> LoadedVolume:
     """Read a NIfTI file (no cache) into a read-only RAS volume with statistics."""
     try:
-        image = nib.load(str(path))
+        image = cast(SpatialImage, nib.load(str(path)))
         data = np.asarray(image.get_fdata(dtype=np.float32))
     except Exception as exc:  # noqa: BLE001 - any reading failure is reported with the file
         raise VolumeLoadError(f"{path}: cannot be read as NIfTI ({type(exc).__name__}: {exc})") from exc

@@ -215,7 +215,8 @@ def run_group(out_dir: str | os.PathLike[str]) -> tuple[Path, Path, int]:
     if not sidecars:
         raise BatchError(f"{out}: no anomaly map sidecars (sub-*/**/*_desc-anomaly_*.json); run the participant "
                          "level into this folder first")
-    scans, findings = [], []
+    scans: list[dict[str, Any]] = []
+    findings: list[dict[str, Any]] = []
     for path in sidecars:
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))

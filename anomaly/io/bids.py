@@ -279,7 +279,7 @@ def derivative_problems(root: str | os.PathLike[str]) -> list[str]:
     return problems
 
 
-_JSON_TYPES = {"string": str, "array": list, "object": dict, "number": (int, float), "integer": int}
+_JSON_TYPES: dict[str, type | tuple[type, ...]] = {"string": str, "array": list, "object": dict, "number": (int, float), "integer": int}
 
 
 def _description_problems(description: dict[str, Any], schema: Any) -> list[str]:

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from anomaly.models.base import SliceModel
 from anomaly.models.families import ModelFamily, load_families
@@ -86,7 +87,7 @@ def available_models() -> list[tuple[str, str, str | None]]:
 
 
 def load_model(name_or_path: str | os.PathLike[str] = "default", *, precision: str = "fp32",
-               device: str = "cpu", **restoration_overrides: object) -> SliceModel:
+               device: str = "cpu", **restoration_overrides: Any) -> SliceModel:
     """A model by registry name (``default``, ``intensity``, ``medical-vae``, ...) or by folder path."""
     key = str(name_or_path)
     if key in BUILTIN:

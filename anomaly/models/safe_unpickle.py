@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
 import pickle
 import struct
 import tarfile
@@ -15,7 +16,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import torch
 
@@ -65,6 +66,11 @@ class Inert:
 
     inert_module: str = ""
     inert_name: str = ""
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    state: Any
+    dict_items: dict[Any, Any]
+    list_items: list[Any]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Inert:
         obj = object.__new__(cls)
@@ -361,7 +367,7 @@ def _load_zip(path: Path) -> Any:
                 raise CheckpointFormatError(f"storage record {record!r} is shorter than {nbytes} bytes")
             raw = bytearray(nbytes)
             with archive.open(record) as data_fh:
-                if data_fh.readinto(raw) != nbytes:
+                if cast(io.BufferedIOBase, data_fh).readinto(raw) != nbytes:
                     raise CheckpointFormatError(f"storage record {record!r} ends early")
             foreign = not little_endian and dtype.itemsize == 1 and storage_type.name == "UntypedStorage"
             loaded[key] = _Storage(dtype, _bytes_to_tensor(raw, dtype, little_endian), foreign)

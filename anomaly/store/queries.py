@@ -13,9 +13,9 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Select, and_, case, false, func, literal, or_, select, text
+from sqlalchemy import ColumnElement, Select, Table, and_, case, false, func, literal, or_, select, text
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from anomaly.jsonio import to_jsonable
@@ -76,7 +76,7 @@ def _insert_ignore(s: Session, entity: type, values: dict[str, Any], keys: Seque
     if dialect == "sqlite":
         from sqlalchemy.dialects.sqlite import insert
     elif dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+        from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
     else:  # other backends: a plain insert (a concurrent duplicate raises IntegrityError)
         s.add(entity(**values))
         s.flush()
@@ -247,11 +247,11 @@ def claim_output_name(
         if dialect == "sqlite":
             from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-            s.execute(sqlite_insert(OutputName.__table__).values(**values).on_conflict_do_nothing())
+            s.execute(sqlite_insert(cast(Table, OutputName.__table__)).values(**values).on_conflict_do_nothing())
         elif dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-            s.execute(pg_insert(OutputName.__table__).values(**values).on_conflict_do_nothing())
+            s.execute(pg_insert(cast(Table, OutputName.__table__)).values(**values).on_conflict_do_nothing())
         else:  # pragma: no cover - other backends: a concurrent duplicate raises IntegrityError
             s.add(OutputName(**values))
             s.flush()
@@ -591,7 +591,7 @@ def _ordering(order: str) -> list[Any]:
     raise ValueError(f"unknown order {order!r}; use one of {list(ORDERS)}")
 
 
-def _result_rows_select(run_id: int, latest: Any, counts: Any) -> Select[Any]:
+def _result_rows_select(run_id: int, latest: Any, counts: Any) -> Select:
     return (
         select(
             Result.id,
@@ -830,7 +830,7 @@ def _lock_calibration_name(s: Session, name: str) -> None:
             text("SELECT pg_advisory_xact_lock(:space, :key)"), {"space": _CALIBRATION_LOCK_SPACE, "key": key}
         )
     elif dialect == "sqlite":
-        table = Calibration.__table__
+        table = cast(Table, Calibration.__table__)
         s.execute(table.update().where(false()).values(name=table.c.name))
 
 

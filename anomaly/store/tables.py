@@ -36,7 +36,7 @@ def _plain(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
 
 
-def _rows(s: Session, stmt: Select[Any], columns: tuple[str, ...]) -> list[dict[str, Any]]:
+def _rows(s: Session, stmt: Select, columns: tuple[str, ...]) -> list[dict[str, Any]]:
     return [dict(zip(columns, map(_plain, row), strict=True)) for row in s.execute(stmt)]
 
 

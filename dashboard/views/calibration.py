@@ -73,7 +73,7 @@ def line_chart(
     y: np.ndarray,
     x_title: str,
     y_title: str,
-    point: tuple[float, float] | None = None,
+    point: tuple[float | None, float | None] | None = None,
     rule_x: float | None = None,
 ) -> alt.LayerChart | alt.Chart:
     """A curve with an optional red point (the operating point) and red vertical line (the threshold)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from pipelines.commands.common import (
     UserError,
@@ -15,6 +16,9 @@ from pipelines.commands.common import (
     raw_input_settings,
     store_from,
 )
+
+if TYPE_CHECKING:
+    from pipelines.executors import Executor
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -82,7 +86,7 @@ def optional_atlas(args: argparse.Namespace) -> object | None:
         return None
 
 
-def make_executor(args: argparse.Namespace) -> object:
+def make_executor(args: argparse.Namespace) -> Executor:
     if args.executor == "dask":
         from pipelines.dask_executor import DaskExecutor
 

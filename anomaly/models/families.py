@@ -40,9 +40,9 @@ class ModelFamily:
     """One family: its name, what it is, its ``AutoencoderKL`` configuration, input slices and weight source."""
 
     name: str
-    description: str
     autoencoder: dict[str, Any]
     input_spec: InputSpec
+    description: str = ""
     hub_repo: str | None = None
     force_fp32: bool = False
     how_to_get: str = ""

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from anomaly.calibration import at_or_above
 from anomaly.metrics import RankedScores, pr_curve, roc_curve
 
 POSITIVE_VERDICTS: tuple[str, ...] = ("confirmed finding",)
@@ -105,7 +106,7 @@ def operating_point(
     scores: np.ndarray, labels: np.ndarray, threshold: float
 ) -> dict[str, float | int | None]:
     """Counts and rates of the rule ``score >= threshold`` (rates None when undefined)."""
-    flagged = np.asarray(scores) >= threshold
+    flagged = at_or_above(scores, threshold)
     truth = np.asarray(labels, dtype=bool)
     tp, fp = int((flagged & truth).sum()), int((flagged & ~truth).sum())
     n_pos, n_neg = int(truth.sum()), int((~truth).sum())

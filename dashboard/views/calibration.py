@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 from sqlalchemy import select
 
-from anomaly.calibration import Calibration
+from anomaly.calibration import Calibration, at_or_above
 from anomaly.outputs import sibling
 from anomaly.records import CalibrationData, ResultDetails
 from anomaly.store import (
@@ -282,7 +282,7 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
     labels = verdict_labels(rows)
     c1, c2 = st.columns([2, 1])
     c1.altair_chart(histogram(scores, threshold), width="stretch")
-    n_flag = int((scores >= threshold).sum())
+    n_flag = int(at_or_above(scores, threshold).sum())
     c2.metric("Flagged at this threshold", f"{n_flag} of {scores.size}")
     metrics: dict[str, Any] = {"n_scans": int(scores.size), "n_flagged": n_flag}
     if labels.n_pos or labels.n_neg:

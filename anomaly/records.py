@@ -23,12 +23,12 @@ DEFAULT_MIN_VOLUME_ML = 0.05
 
 
 class Record:
-    """Mixin of the stored records: ``to_dict`` (JSON-ready, ``None`` fields left out) and lenient ``from_dict``."""
+    """Mixin of the stored records: ``to_dict`` (JSON-ready, every field, ``None`` as null) and lenient
+    ``from_dict``."""
 
     def to_dict(self) -> dict[str, Any]:
         assert dataclasses.is_dataclass(self)
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return to_jsonable({k: v for k, v in out.items() if v is not None})
+        return to_jsonable({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     @classmethod
     def from_dict(cls: type[R], data: Mapping[str, Any] | None) -> R:

@@ -148,7 +148,7 @@ def lesion_on_grid(mask_path: Path, prepared: PreparedVolume) -> np.ndarray:
     src = MetaTensor(torch.as_tensor(mask)[None], affine=torch.as_tensor(prepared.native_affine, dtype=torch.float64))
     out = SpatialResample(mode="nearest", padding_mode="zeros", dtype=np.float32)(
         src, dst_affine=torch.as_tensor(prepared.affine, dtype=torch.float64), spatial_size=prepared.image.shape)
-    return np.asarray(out[0].as_tensor().numpy()) > 0.5  # type: ignore[attr-defined]
+    return np.asarray(out[0].as_tensor().numpy()) > 0.5
 
 
 def healthy_slices(source: VolumeSource, spec: InputSpec, preprocess: PreprocessConfig | None = None,

@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL
 from anomaly.contrast import CONTRASTS
 from anomaly.mapnorm import robust_z
 from anomaly.models.base import ModelIdentity, SliceModel, SliceOutput
+from anomaly.models.denoiser import ImageDenoiser
 from anomaly.models.restoration import LatentDiffusionHealer
 from anomaly.preprocess import InputSpec, PreparedVolume
 
@@ -114,7 +115,7 @@ class AutoencoderSliceModel(SliceModel):
     """A 1- or 3-channel ``AutoencoderKL`` working in [-1, 1] (grey repeated to RGB and averaged back)."""
 
     def __init__(self, vae: AutoencoderKL, *, name: str, weights_hash: str, input_spec: InputSpec,
-                 restoration: LatentDiffusionHealer | None = None, map_config: MapConfig | None = None,
+                 restoration: LatentDiffusionHealer | ImageDenoiser | None = None, map_config: MapConfig | None = None,
                  precision: str = "fp32", force_fp32: bool = False, extra: dict[str, Any] | None = None) -> None:
         self.vae = vae.eval()
         self.restoration = restoration.eval() if restoration is not None else None
@@ -170,6 +171,11 @@ class AutoencoderSliceModel(SliceModel):
             floor = float(np.percentile(values, percentile)) if values.size else 0.0
         return ScanContext(contrast=contrast, floor=floor)
 
+    def _reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior-mode latent of a batch and its decode in [0, 1]."""
+        z = self.vae.encode(self._to_model(x)).latent_dist.mode()
+        return z, self._from_model(self.vae.decode(z).sample)
+
     @torch.inference_mode()
     def score_slices(self, x: torch.Tensor, generator: torch.Generator | None = None,
                      context: Any = None) -> SliceOutput:
@@ -180,12 +186,17 @@ class AutoencoderSliceModel(SliceModel):
         above = (x - ctx.floor).clamp_min(0)  # x >= 0, so a floor of 0 keeps all of it
         x = x.clamp(0, 1)
         with self._autocast():
-            z = self.vae.encode(self._to_model(x)).latent_dist.mode()
-            recon = self._from_model(self.vae.decode(z).sample)
             if self.restoration is None:
+                recon = self._reconstruct(x)[1]
                 residual = _signed(x - recon, sign)
                 shown = recon
+            elif getattr(self.restoration, "space", "latent") == "image":
+                # image-space restoration: the VAE only runs when the map compares against its reconstruction
+                reference = x if cfg.reference == "input" else self._reconstruct(x)[1]
+                shown = self.restoration.restore(reference.to(self.device), contrast=ctx.contrast).float().cpu()
+                residual = _signed(reference - shown, sign)
             else:
+                z, recon = self._reconstruct(x)
                 draws = max(1, int(self.restoration.config.draws))
                 reference = x if cfg.reference == "input" else recon
                 residual = torch.zeros_like(x)
@@ -217,7 +228,7 @@ class AutoencoderSliceModel(SliceModel):
             "map": asdict(self.map_config), "precision": self.precision, **self.extra,
         }
         if self.restoration is not None:
-            config["restoration"] = asdict(self.restoration.config)
+            config["restoration"] = asdict(self.restoration.config)  # type: ignore[call-overload]
         return ModelIdentity(name=self.name, weights_hash=self.weights_hash, config=_jsonable(config))
 
 

@@ -105,13 +105,14 @@ class LatentDiffusionHealer(torch.nn.Module):
         return cls(unet.eval(), scheduler, HealerConfig(**data))
 
 
-RESTORATION_KINDS: dict[str, type[LatentDiffusionHealer]] = {"latent-ddim": LatentDiffusionHealer}
+def load_restoration(folder: str | os.PathLike[str], **overrides: Any) -> torch.nn.Module:
+    """Load the restoration stage stored in ``folder`` by the kind its config names: ``latent-ddim`` (the
+    latent diffusion healer) or ``image-dae`` (:class:`anomaly.models.denoiser.ImageDenoiser`)."""
+    from anomaly.models.denoiser import DENOISER_KIND, ImageDenoiser  # imports this module's HEALER_CONFIG
 
-
-def load_restoration(folder: str | os.PathLike[str], **overrides: Any) -> LatentDiffusionHealer:
-    """Load the restoration stage stored in ``folder`` by the kind its config names."""
+    kinds: dict[str, Any] = {"latent-ddim": LatentDiffusionHealer, DENOISER_KIND: ImageDenoiser}
     folder = Path(folder)
     kind = json.loads((folder / HEALER_CONFIG).read_text()).get("kind", "latent-ddim")
-    if kind not in RESTORATION_KINDS:
-        raise ValueError(f"{folder}: unknown restoration kind {kind!r}; known: {', '.join(RESTORATION_KINDS)}")
-    return RESTORATION_KINDS[kind].from_pretrained(folder, **overrides)
+    if kind not in kinds:
+        raise ValueError(f"{folder}: unknown restoration kind {kind!r}; known: {', '.join(kinds)}")
+    return kinds[kind].from_pretrained(folder, **overrides)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from anomaly.training.config import load_recipe
+from anomaly.training.config import STAGES, load_recipe
 from pipelines.commands.common import new_parser
 
 
@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "anomaly train --config configs/train/default.yaml --out runs/default")
     p.add_argument("--config", required=True, metavar="YAML", help="training recipe")
     p.add_argument("--out", metavar="DIR", help="work folder (default: the recipe's `out`)")
-    p.add_argument("--stage", choices=("vae", "healer", "both"), help="override the recipe's stage")
+    p.add_argument("--stage", choices=STAGES, help="override the recipe's stage")
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start again")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

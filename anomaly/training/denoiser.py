@@ -10,23 +10,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from anomaly.contrast import CONTRASTS
 from anomaly.models.denoiser import DenoiserConfig, ImageDenoiser, build_denoiser_unet
 from anomaly.training.augment import AugmentConfig, augment_batch, build_augmentation
-from anomaly.training.common import (
-    Budget,
-    EarlyStopper,
-    Logger,
-    TrainResult,
-    load_checkpoint,
-    save_checkpoint,
-    seed_everything,
-)
+from anomaly.training.common import Logger, TrainResult, seed_everything
 from anomaly.training.config import DenoiserTrainConfig
 from anomaly.training.data import SliceSet
 from anomaly.training.healer import contrast_labels, sampling_weights
+from anomaly.training.loop import LoopSettings, TrainingLoop, ema_weights
 from anomaly.training.vae import coarse_noise, random_crops
 
 CHECKPOINT = "denoiser_checkpoint.pt"
@@ -98,73 +90,40 @@ def train_denoiser(train: SliceSet, val: SliceSet | None, config: DenoiserTrainC
                                                noise_grid=config.noise_grid))
     ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=1e-4)
-    stopper = EarlyStopper(config.patience)
-    history: list[dict[str, float]] = []
-    step = 0
-    state = load_checkpoint(out_dir / CHECKPOINT) if resume else None
-    if state is not None:
-        unet.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
-        generator.set_state(state["generator"])
-        step, history = int(state["step"]), list(state["history"])
-        stopper.best, stopper.bad_checks = float(state["best_val"]), int(state["bad_checks"])
-        transform.set_random_state(seed=(seed + step) % (2**32))
-        log(f"resumed denoiser training at step {step} from {out_dir / CHECKPOINT}")
-    budget = Budget(config.max_minutes)
-    stopped = "max_steps"
-    model.train()
-    bar = tqdm(total=config.max_steps, initial=step, desc="denoiser", unit="step", disable=not progress, mininterval=5)
-    running = None
-    while step < config.max_steps:
-        size = config.batch_size if crop_phase(config, step) else (config.full_batch_size or config.batch_size)
+    loop = TrainingLoop(LoopSettings("denoiser", config.max_steps, "val_mse", config.max_minutes, config.val_every,
+                                     config.patience), out_dir / CHECKPOINT,
+                        {"model": unet, "optimizer": optimizer, "ema": ema}, generator, log=log, progress=progress)
+    if resume and loop.resume() is not None:
+        transform.set_random_state(seed=(seed + loop.step) % (2**32))
+
+    def step(index: int) -> dict[str, float]:
+        crop = config.crop_size if crop_phase(config, index) else 0
+        size = config.batch_size if crop else (config.full_batch_size or config.batch_size)
         if weights is not None:
-            index = torch.multinomial(weights, size, replacement=True, generator=generator)
+            picks = torch.multinomial(weights, size, replacement=True, generator=generator)
         else:
-            index = torch.randint(0, len(train), (size,), generator=generator)
-        masks = train.masks[index].float()
-        clean = augment_batch(transform, train.images[index].float(), masks)
+            picks = torch.randint(0, len(train), (size,), generator=generator)
+        clean = augment_batch(transform, train.images[picks].float(), train.masks[picks].float())
         masks = (clean > 0).float()  # the brain after the augmentation's warp
         labels = None
         if classes:
-            labels = all_y[index].clone()
+            labels = all_y[picks].clone()
             labels[torch.rand(len(labels), generator=generator) < config.uncond_prob] = len(classes)
-        crop = config.crop_size if crop_phase(config, step) else 0
         loss = denoise_loss(model, clean, masks, config, generator, labels, crop=crop)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         ema.step(unet.parameters())
-        step += 1
-        value = float(loss.detach())
-        running = value if running is None else 0.95 * running + 0.05 * value
-        bar.update(1)
-        bar.set_postfix(mse=f"{running:.5f}")
-        last = step >= config.max_steps or budget.spent
-        if step % config.val_every == 0 or last:
-            record = {"step": float(step), "train_mse": running}
-            if val is not None and len(val):
-                ema.store(unet.parameters())
-                ema.copy_to(unet.parameters())
-                record["val_mse"] = validation_mse(model, val, config, val_y)
-                ema.restore(unet.parameters())
-                stopper.update(record["val_mse"])
-            history.append(record)
-            log("denoiser " + " ".join(f"{k}={v:.5g}" for k, v in record.items()))
-            save_checkpoint(out_dir / CHECKPOINT, {
-                "model": unet.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
-                "generator": generator.get_state(), "step": step, "history": history,
-                "best_val": stopper.best, "bad_checks": stopper.bad_checks})
-            if stopper.should_stop:
-                stopped = "early_stop"
-                break
-        if budget.spent:
-            stopped = "time_budget"
-            break
-    bar.close()
+        return {"mse": float(loss.detach())}
+
+    def validate() -> dict[str, float]:
+        with ema_weights(ema, unet):
+            return {"val_mse": validation_mse(model, val, config, val_y)}  # type: ignore[arg-type]
+
+    model.train()
+    outcome = loop.run(step, validate if val is not None and len(val) else None)
     final = copy.deepcopy(model)
     ema.copy_to(final.unet.parameters())
     final.eval()
-    log(f"denoiser training ended at step {step} ({stopped})")
-    return TrainResult(final, step, history, stopper.best, stopped)
+    return TrainResult(final, outcome.step, outcome.history, outcome.best_val, outcome.stopped)

@@ -190,7 +190,7 @@ class AutoencoderSliceModel(SliceModel):
                 recon = self._reconstruct(x)[1]
                 residual = _signed(x - recon, sign)
                 shown = recon
-            elif getattr(self.restoration, "space", "latent") == "image":
+            elif isinstance(self.restoration, ImageDenoiser):
                 # image-space restoration: the VAE only runs when the map compares against its reconstruction
                 reference = x if cfg.reference == "input" else self._reconstruct(x)[1]
                 shown = self.restoration.restore(reference.to(self.device), contrast=ctx.contrast).float().cpu()
@@ -228,7 +228,7 @@ class AutoencoderSliceModel(SliceModel):
             "map": asdict(self.map_config), "precision": self.precision, **self.extra,
         }
         if self.restoration is not None:
-            config["restoration"] = asdict(self.restoration.config)  # type: ignore[call-overload]
+            config["restoration"] = asdict(self.restoration.config)
         return ModelIdentity(name=self.name, weights_hash=self.weights_hash, config=_jsonable(config))
 
 

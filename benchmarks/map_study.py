@@ -108,6 +108,13 @@ def residual(c: dict[str, np.ndarray], t0: int, sign: str, draws: int) -> np.nda
     return total / draws
 
 
+def signed_z(c: dict[str, np.ndarray], sign: str) -> np.ndarray:
+    """The signed difference (input minus restored) z-scored over the brain, then the sign kept: the
+    spread of healthy tissue is measured before clipping, where it is stable."""
+    z = robust_z(c["x"] - c["restored"], c["brain"])
+    return np.abs(z) if sign == "abs" else np.clip(z if sign == "pos" else -z, 0, None)
+
+
 def intensity_term(c: dict[str, np.ndarray], floor: float | None) -> np.ndarray:
     """Raw intensity (floor None), or intensity above the brain's ``floor`` percentile."""
     if floor is None:
@@ -115,7 +122,8 @@ def intensity_term(c: dict[str, np.ndarray], floor: float | None) -> np.ndarray:
     return np.clip(c["x"] - np.percentile(c["x"][c["brain"]], floor), 0, None)
 
 
-def build_rules(t0s: tuple[int, ...], draws: int) -> dict[str, Rule]:
+def build_rules(t0s: tuple[int, ...], draws: int, rules_for: tuple[str, ...] = ()) -> dict[str, Rule]:
+    """Candidate rules; ``rules_for`` names extra components the model has (``restored``: image space)."""
     rules: dict[str, Rule] = {"intensity": lambda c: c["x"],
                               "z(intensity)": lambda c: robust_z(c["x"], c["brain"])}
     for t0 in t0s:
@@ -130,6 +138,10 @@ def build_rules(t0s: tuple[int, ...], draws: int) -> dict[str, Rule]:
                     rules[f"z({tag})+{w}zx>p99"] = lambda c, t0=t0, s=sign, n=n, w=w: (
                         robust_z(residual(c, t0, s, n), c["brain"])
                         + w * robust_z(intensity_term(c, 99), c["brain"], scale_of=c["x"]))
+                if "restored" in rules_for:
+                    rules[f"zs({tag})"] = lambda c, s=sign: signed_z(c, s)
+                    for w in (0.25, 0.5, 1.0):
+                        rules[f"zs({tag})+{w}z(x)"] = lambda c, s=sign, w=w: signed_z(c, s) + w * robust_z(c["x"], c["brain"])
                 rules[f"{tag}+1.5x"] = lambda c, t0=t0, s=sign, n=n: residual(c, t0, s, n) + 1.5 * c["x"]
                 rules[f"{tag}+1.5x>p99"] = lambda c, t0=t0, s=sign, n=n: residual(c, t0, s, n) + 1.5 * intensity_term(c, 99)
     return rules
@@ -185,7 +197,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = load_model(args.model, precision=args.precision)
     t0s = tuple(args.t0) if getattr(model.restoration, "space", "latent") == "latent" else (0,)
-    rules = build_rules(t0s, args.draws)
+    image = getattr(model.restoration, "space", "latent") == "image"
+    rules = build_rules(t0s, args.draws, ("restored",) if image else ())
     if args.rules:
         rules = {k: v for k, v in rules.items() if k in set(args.rules)}
     post = PostprocessConfig()

@@ -67,6 +67,13 @@ def test_denoiser_learns_resumes_and_scores_from_its_folder(tmp_path: Path, data
     volume = load_volume(root / "pat1" / "t2.nii.gz")
     maps = score_volume(volume, loaded)
     assert maps.anomaly.shape == volume.shape and np.isfinite(maps.anomaly).all() and maps.anomaly.max() > 0
+    # robust-signed: the signed difference is z-scored over the brain, so healthy tissue sits near zero
+    # and one threshold in z units means the same in every scan
+    loaded.map_config = replace(loaded.map_config, normalise="robust-signed", sign="positive")
+    signed = score_volume(volume, loaded)
+    brain = signed.brain_mask
+    assert np.median(signed.anomaly[brain]) < 0.5 and 1.0 < np.percentile(signed.anomaly[brain], 99) < 50
+    loaded.map_config = replace(loaded.map_config, normalise="robust", sign="abs")
     # with the input as reference, the image-space stage never runs the VAE: other VAE weights, same map
     with torch.no_grad():
         for p in loaded.vae.parameters():

@@ -140,7 +140,7 @@ def build_rules(t0s: tuple[int, ...], draws: int, rules_for: tuple[str, ...] = (
                         + w * robust_z(intensity_term(c, 99), c["brain"], scale_of=c["x"]))
                 if "restored" in rules_for:
                     rules[f"zs({tag})"] = lambda c, s=sign: signed_z(c, s)
-                    for w in (0.25, 0.5, 1.0):
+                    for w in (0.25, 0.5, 1.0, 2.0, 4.0):
                         rules[f"zs({tag})+{w}z(x)"] = lambda c, s=sign, w=w: signed_z(c, s) + w * robust_z(c["x"], c["brain"])
                 rules[f"{tag}+1.5x"] = lambda c, t0=t0, s=sign, n=n: residual(c, t0, s, n) + 1.5 * c["x"]
                 rules[f"{tag}+1.5x>p99"] = lambda c, t0=t0, s=sign, n=n: residual(c, t0, s, n) + 1.5 * intensity_term(c, 99)

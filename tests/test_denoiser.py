@@ -89,5 +89,5 @@ def test_denoiser_recipe_is_typed_and_checks_its_noise(tmp_path: Path) -> None:
     recipe.write_text("name: x\nstage: denoiser\ndenoiser:\n  noise_std: [0.2, 0.1]\n")
     with pytest.raises(ConfigError, match="noise_std"):
         load_recipe(recipe)
-    shipped = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "train" / "dae.yaml")
+    shipped = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "train" / "default.yaml")
     assert shipped.stage == "denoiser" and "ms-open/patient26" in shipped.data.exclude

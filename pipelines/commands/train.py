@@ -10,7 +10,8 @@ from pipelines.commands.common import new_parser
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = new_parser(sub, "train", "Train a model from a recipe (configs/train/NAME.yaml): healthy slices of the "
-                   "listed volumes, a slice VAE, then its latent diffusion healer; writes OUT/model, a model "
+                   "listed volumes, a slice VAE, then its restoration stage (stage denoiser: an image-space denoising "
+                   "UNet; stage healer: a latent diffusion healer); writes OUT/model, a model "
                    "folder that `anomaly score --model OUT/model` accepts. Re-running resumes from checkpoints.",
                    "anomaly train --config configs/train/default.yaml --out runs/default")
     p.add_argument("--config", required=True, metavar="YAML", help="training recipe")

@@ -51,13 +51,20 @@ CHOICE_SET = [
 def components(model, path: Path, label: Path, t0s: tuple[int, ...], draws: int) -> dict[str, np.ndarray]:  # noqa: ANN001
     """x, brain mask, truth, reconstruction and healed decodes (``healed{t0}_{draw}``) on the model grid."""
     prepared = prepare_volume(load_volume(path), PreprocessConfig(), model.input_spec)
-    out = {"x": prepared.image.copy(), "brain": prepared.mask, "truth": lesion_on_grid(label, prepared),
-           "recon": np.zeros_like(prepared.image)}
+    out = {"x": prepared.image.copy(), "brain": prepared.mask, "truth": lesion_on_grid(label, prepared)}
+    contrast = guess_contrast(path)
+    if getattr(model.restoration, "space", "latent") == "image":  # image-space restoration of the input
+        out["restored"] = np.zeros_like(prepared.image)
+        for start in range(0, len(prepared.slices), 32):
+            index = prepared.slices[start:start + 32]
+            x = slices_to_batch(prepared.image, index).clamp(0, 1)
+            out["restored"][:, :, index] = batch_to_slices(model.restoration.restore(x, contrast=contrast))
+        return out
+    out["recon"] = np.zeros_like(prepared.image)
     keys = [f"healed{t0}_{d}" for t0 in t0s for d in range(draws)]
     for key in keys:
         out[key] = np.zeros_like(prepared.image)
     base = model.restoration.config
-    contrast = guess_contrast(path)
     for start in range(0, len(prepared.slices), 32):
         index = prepared.slices[start:start + 32]
         x = slices_to_batch(prepared.image, index).clamp(0, 1)
@@ -91,11 +98,21 @@ Rule = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
 def residual(c: dict[str, np.ndarray], t0: int, sign: str, draws: int) -> np.ndarray:
+    if "restored" in c:  # image-space restoration: the input minus its restored version
+        diff = c["x"] - c["restored"]
+        return np.abs(diff) if sign == "abs" else np.clip(diff, 0, None) if sign == "pos" else np.clip(-diff, 0, None)
     total = np.zeros_like(c["x"])
     for d in range(draws):
         diff = c["recon"] - c[f"healed{t0}_{d}"]
-        total += np.abs(diff) if sign == "abs" else np.clip(diff, 0, None)
+        total += np.abs(diff) if sign == "abs" else np.clip(diff if sign == "pos" else -diff, 0, None)
     return total / draws
+
+
+def signed_z(c: dict[str, np.ndarray], sign: str) -> np.ndarray:
+    """The signed difference (input minus restored) z-scored over the brain, then the sign kept: the
+    spread of healthy tissue is measured before clipping, where it is stable."""
+    z = robust_z(c["x"] - c["restored"], c["brain"])
+    return np.abs(z) if sign == "abs" else np.clip(z if sign == "pos" else -z, 0, None)
 
 
 def intensity_term(c: dict[str, np.ndarray], floor: float | None) -> np.ndarray:
@@ -105,11 +122,12 @@ def intensity_term(c: dict[str, np.ndarray], floor: float | None) -> np.ndarray:
     return np.clip(c["x"] - np.percentile(c["x"][c["brain"]], floor), 0, None)
 
 
-def build_rules(t0s: tuple[int, ...], draws: int) -> dict[str, Rule]:
+def build_rules(t0s: tuple[int, ...], draws: int, rules_for: tuple[str, ...] = ()) -> dict[str, Rule]:
+    """Candidate rules; ``rules_for`` names extra components the model has (``restored``: image space)."""
     rules: dict[str, Rule] = {"intensity": lambda c: c["x"],
                               "z(intensity)": lambda c: robust_z(c["x"], c["brain"])}
     for t0 in t0s:
-        for sign in ("pos", "abs"):
+        for sign in ("pos", "abs", "neg"):
             for n in sorted({1, draws}):
                 tag = f"{sign}{t0}" + (f"x{n}" if n > 1 else "")
                 rules[tag] = lambda c, t0=t0, s=sign, n=n: residual(c, t0, s, n)
@@ -120,6 +138,10 @@ def build_rules(t0s: tuple[int, ...], draws: int) -> dict[str, Rule]:
                     rules[f"z({tag})+{w}zx>p99"] = lambda c, t0=t0, s=sign, n=n, w=w: (
                         robust_z(residual(c, t0, s, n), c["brain"])
                         + w * robust_z(intensity_term(c, 99), c["brain"], scale_of=c["x"]))
+                if "restored" in rules_for:
+                    rules[f"zs({tag})"] = lambda c, s=sign: signed_z(c, s)
+                    for w in (0.25, 0.5, 1.0, 2.0, 4.0):
+                        rules[f"zs({tag})+{w}z(x)"] = lambda c, s=sign, w=w: signed_z(c, s) + w * robust_z(c["x"], c["brain"])
                 rules[f"{tag}+1.5x"] = lambda c, t0=t0, s=sign, n=n: residual(c, t0, s, n) + 1.5 * c["x"]
                 rules[f"{tag}+1.5x>p99"] = lambda c, t0=t0, s=sign, n=n: residual(c, t0, s, n) + 1.5 * intensity_term(c, 99)
     return rules
@@ -174,8 +196,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     model = load_model(args.model, precision=args.precision)
-    t0s = tuple(args.t0)
-    rules = build_rules(t0s, args.draws)
+    t0s = tuple(args.t0) if getattr(model.restoration, "space", "latent") == "latent" else (0,)
+    image = getattr(model.restoration, "space", "latent") == "image"
+    rules = build_rules(t0s, args.draws, ("restored",) if image else ())
     if args.rules:
         rules = {k: v for k, v in rules.items() if k in set(args.rules)}
     post = PostprocessConfig()

@@ -155,7 +155,7 @@ def test_project_families_are_valid_autoencoder_configurations() -> None:
     from anomaly.models.families import ARCHITECTURE_KEYS, load_families
 
     families = load_families()
-    assert set(families) == {"default", "medical-vae", "sd-vae-ft-mse", "sdxl-vae"}
+    assert set(families) == {"default", "latent-healer", "medical-vae", "sd-vae-ft-mse", "sdxl-vae"}
     medical = families["medical-vae"].autoencoder
     assert (medical["in_channels"], medical["block_out_channels"], medical["layers_per_block"],
             medical["latent_channels"], medical["scaling_factor"]) == (1, [128, 256, 512, 512], 2, 4, 0.18215)
@@ -219,13 +219,19 @@ def test_intensity_floor_counts_only_brightness_above_the_contrasts_percentile(t
 
 
 def test_shipped_default_model_loads_with_its_restoration() -> None:
+    from anomaly.models.denoiser import ImageDenoiser
+    from anomaly.models.restoration import LatentDiffusionHealer
+
     model = load_model("default")
-    assert isinstance(model, AutoencoderSliceModel) and model.restoration is not None
-    assert model.map_config.intensity_weight == 1.5 and model.input_spec.slice_size == 128
-    assert model.map_config.sign == "abs" and model.map_config.floor_percentile("t1") == 99
-    assert model.map_config.floor_percentile("flair") == 0 and model.map_config.floor_percentile(None) == 0
+    assert isinstance(model, AutoencoderSliceModel) and isinstance(model.restoration, ImageDenoiser)
+    assert model.restoration.config.classes == ("t1", "t2", "flair") and model.input_spec.slice_size == 128
+    cfg = model.map_config
+    assert cfg.normalise == "robust-signed" and cfg.reference == "input"
+    assert (cfg.sign_for("t1"), cfg.sign_for("t2"), cfg.sign_for(None)) == ("negative", "positive", "abs")
     out = model.score_slices(_slices(2, 128), generator=torch.Generator().manual_seed(0))
     assert out.anomaly.shape == (2, 1, 128, 128) and (out.anomaly >= 0).all()
+    previous = load_model("latent-healer")
+    assert isinstance(previous, AutoencoderSliceModel) and isinstance(previous.restoration, LatentDiffusionHealer)
 
 
 def test_missing_default_model_is_an_error_not_a_substitute(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -270,7 +276,7 @@ def test_a_built_wheel_serves_every_family_without_the_checkout(tmp_path: Path) 
     module, folder, names = json.loads(ran.stdout.strip().splitlines()[-1])
     assert Path(module).is_relative_to(tmp_path / "site")
     assert Path(folder) == tmp_path / "site" / "anomaly" / "assets" / "families"
-    assert names == ["default", "medical-vae", "sd-vae-ft-mse", "sdxl-vae"]
+    assert names == ["default", "latent-healer", "medical-vae", "sd-vae-ft-mse", "sdxl-vae"]
     assert sorted(p.name for p in Path(folder).glob("*.yaml")) == sorted(
         p.name for p in (root / "configs" / "models").glob("*.yaml")
     )

@@ -136,7 +136,7 @@ def test_recipe_yaml_is_typed_and_refuses_unknown_keys(tmp_path: Path) -> None:
         load_recipe(bad)
 
 
-@pytest.mark.parametrize("name", ["default", "vae"])
+@pytest.mark.parametrize("name", ["default", "vae", "latent-healer"])
 def test_shipped_recipes_keep_every_evaluation_case_out(name: str) -> None:
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "train" / f"{name}.yaml")
     for case in ("ms-open/patient26", "brats2013/pat0001", "brats2013/pat0002",
@@ -181,13 +181,14 @@ healer: {{block_out_channels: [16, 32], attention: [false, true], layers_per_blo
     assert volumes and not any(v.startswith(("pat0001", "pat2")) for v in volumes)
 
 
-def test_shipped_default_model_is_small_and_trained_without_evaluation_cases() -> None:
+@pytest.mark.parametrize("name", ["default", "latent-healer"])
+def test_shipped_models_are_small_and_trained_without_evaluation_cases(name: str) -> None:
     import json
 
     from anomaly.models.registry import PACKAGED_MODELS
     from anomaly.training.data import matches_exclusion
 
-    folder = PACKAGED_MODELS / "default"
+    folder = PACKAGED_MODELS / name
     if not (folder / "anomaly_model.json").is_file():
         pytest.skip("the default model folder is not present")
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

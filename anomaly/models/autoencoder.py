@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL
 from anomaly.contrast import CONTRASTS
 from anomaly.mapnorm import robust_z
 from anomaly.models.base import ModelIdentity, SliceModel, SliceOutput
+from anomaly.models.denoiser import ImageDenoiser
 from anomaly.models.restoration import LatentDiffusionHealer
 from anomaly.preprocess import InputSpec, PreparedVolume
 
@@ -28,11 +29,14 @@ class MapConfig:
     T1 (white matter), so there a high floor keeps only what is brighter than nearly all normal tissue;
     a contrast not listed counts all brightness (floor 0).
 
-    ``normalise`` (``none`` or ``robust``): with ``robust`` the residual is centred on its median over the
-    scan's brain and divided by its spread there (MAD, see :mod:`anomaly.mapnorm`) before the intensity
-    term is added, so the learned term is on one scale in every scan and one threshold serves a batch
-    (the intensity is already on a per-scan scale: preprocessing maps the brain's 0.5th-99.5th
-    percentiles to [0, 1]). ``residual_weight`` multiplies the residual term. ``sign_by_contrast``,
+    ``normalise`` (``none``, ``robust`` or ``robust-signed``): with ``robust`` the residual (after its sign
+    rule) is centred on its median over the scan's brain and divided by its spread there (MAD, see
+    :mod:`anomaly.mapnorm`) before the intensity term is added, so the learned term is on one scale in
+    every scan and one threshold serves a batch (the intensity is already on a per-scan scale:
+    preprocessing maps the brain's 0.5th-99.5th percentiles to [0, 1]). ``robust-signed`` z-scores the
+    *signed* difference (reference minus restored) first and applies the sign rule after: healthy
+    tissue's spread is measured where it is stable, not on a term clipped to zero on half the brain;
+    the intensity term is then z-scored over the brain as well. ``residual_weight`` multiplies the residual term. ``sign_by_contrast``,
     ``intensity_weight_by_contrast`` and ``residual_weight_by_contrast`` override ``sign``,
     ``intensity_weight`` and ``residual_weight`` for a contrast (t1, t2, flair, unknown)."""
 
@@ -53,8 +57,8 @@ class MapConfig:
             if sign not in SIGNS:
                 where = f"map.sign_by_contrast.{key}" if key else "map.sign"
                 raise ValueError(f"{where} must be abs, positive or negative, not {sign!r}")
-        if self.normalise not in ("none", "robust"):
-            raise ValueError(f"map.normalise must be none or robust, not {self.normalise!r}")
+        if self.normalise not in NORMALISE:
+            raise ValueError(f"map.normalise must be one of {', '.join(NORMALISE)}, not {self.normalise!r}")
         if self.intensity_weight < 0 or self.residual_weight < 0:
             raise ValueError("map.intensity_weight and map.residual_weight must be >= 0")
         floors = _per_contrast("map.intensity_floor", self.intensity_floor)
@@ -91,6 +95,7 @@ class MapConfig:
 
 
 SIGNS = ("abs", "positive", "negative")
+NORMALISE = ("none", "robust", "robust-signed")
 
 
 def _per_contrast(name: str, values: dict[str, Any] | None) -> dict[str, Any]:
@@ -114,7 +119,7 @@ class AutoencoderSliceModel(SliceModel):
     """A 1- or 3-channel ``AutoencoderKL`` working in [-1, 1] (grey repeated to RGB and averaged back)."""
 
     def __init__(self, vae: AutoencoderKL, *, name: str, weights_hash: str, input_spec: InputSpec,
-                 restoration: LatentDiffusionHealer | None = None, map_config: MapConfig | None = None,
+                 restoration: LatentDiffusionHealer | ImageDenoiser | None = None, map_config: MapConfig | None = None,
                  precision: str = "fp32", force_fp32: bool = False, extra: dict[str, Any] | None = None) -> None:
         self.vae = vae.eval()
         self.restoration = restoration.eval() if restoration is not None else None
@@ -170,6 +175,11 @@ class AutoencoderSliceModel(SliceModel):
             floor = float(np.percentile(values, percentile)) if values.size else 0.0
         return ScanContext(contrast=contrast, floor=floor)
 
+    def _reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior-mode latent of a batch and its decode in [0, 1]."""
+        z = self.vae.encode(self._to_model(x)).latent_dist.mode()
+        return z, self._from_model(self.vae.decode(z).sample)
+
     @torch.inference_mode()
     def score_slices(self, x: torch.Tensor, generator: torch.Generator | None = None,
                      context: Any = None) -> SliceOutput:
@@ -180,33 +190,51 @@ class AutoencoderSliceModel(SliceModel):
         above = (x - ctx.floor).clamp_min(0)  # x >= 0, so a floor of 0 keeps all of it
         x = x.clamp(0, 1)
         with self._autocast():
-            z = self.vae.encode(self._to_model(x)).latent_dist.mode()
-            recon = self._from_model(self.vae.decode(z).sample)
             if self.restoration is None:
-                residual = _signed(x - recon, sign)
+                recon = self._reconstruct(x)[1]
+                difference = x - recon
                 shown = recon
+            elif isinstance(self.restoration, ImageDenoiser):
+                # image-space restoration: the VAE only runs when the map compares against its reconstruction
+                reference = x if cfg.reference == "input" else self._reconstruct(x)[1]
+                shown = self.restoration.restore(reference.to(self.device), contrast=ctx.contrast).float().cpu()
+                difference = reference - shown
             else:
+                z, recon = self._reconstruct(x)
                 draws = max(1, int(self.restoration.config.draws))
                 reference = x if cfg.reference == "input" else recon
                 residual = torch.zeros_like(x)
+                difference = torch.zeros_like(x)
                 shown = torch.zeros_like(x)
                 for _ in range(draws):
                     zh = self.restoration.heal(z.float(), generator=generator, contrast=ctx.contrast).to(z.dtype)
                     decoded = self._from_model(self.vae.decode(zh).sample)
                     shown += decoded / draws
+                    difference += (reference - decoded) / draws
                     residual += _signed(reference - decoded, sign) / draws
+        if self.restoration is None or isinstance(self.restoration, ImageDenoiser):
+            residual = _signed(difference, sign)
         combined = cfg.residual_weight_for(ctx.contrast) * residual + weight * above
-        if cfg.normalise == "robust":
-            return SliceOutput(anomaly=combined, reconstruction=shown, parts={"residual": residual, "intensity": above})
+        if cfg.normalise != "none":
+            parts = {"residual": residual, "difference": difference, "intensity": above}
+            return SliceOutput(anomaly=combined, reconstruction=shown, parts=parts)
         return SliceOutput(anomaly=combined, reconstruction=shown)
 
     def combine_parts(self, parts: dict[str, np.ndarray], prepared: PreparedVolume, context: Any = None) -> np.ndarray:
         """The residual, centred and divided by its spread over the scan's brain, times its weight, plus the
-        weighted intensity term (already on the scan's own scale), over the whole scan."""
+        weighted intensity term (already on the scan's own scale), over the whole scan; with
+        ``robust-signed`` the signed difference is z-scored before its sign rule, and the intensity too."""
         ctx = context if isinstance(context, ScanContext) else ScanContext()
         cfg = self.map_config
-        out = cfg.residual_weight_for(ctx.contrast) * robust_z(parts["residual"], prepared.mask)
         weight = cfg.weight_for(ctx.contrast)
+        if cfg.normalise == "robust-signed":
+            z = robust_z(parts["difference"], prepared.mask)
+            out = cfg.residual_weight_for(ctx.contrast) * _signed_np(z, cfg.sign_for(ctx.contrast))
+            if weight:  # brightness above a floor keeps its zero and takes the spread of the whole image
+                scale_of = prepared.image if ctx.floor > 0 else None
+                out = out + weight * robust_z(parts["intensity"], prepared.mask, scale_of=scale_of)
+            return np.clip(out, 0, None).astype(np.float32)
+        out = cfg.residual_weight_for(ctx.contrast) * robust_z(parts["residual"], prepared.mask)
         if weight and "intensity" in parts:
             out = out + weight * parts["intensity"]
         return np.clip(out, 0, None).astype(np.float32)
@@ -227,6 +255,14 @@ def _signed(diff: torch.Tensor, sign: str) -> torch.Tensor:
     if sign == "negative":
         return (-diff).clamp_min(0)
     return diff.abs()
+
+
+def _signed_np(diff: np.ndarray, sign: str) -> np.ndarray:
+    if sign == "positive":
+        return np.clip(diff, 0, None)
+    if sign == "negative":
+        return np.clip(-diff, 0, None)
+    return np.abs(diff)
 
 
 def _jsonable(value: Any) -> Any:

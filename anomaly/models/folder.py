@@ -14,6 +14,7 @@ from diffusers import AutoencoderKL
 from anomaly.configparse import build, load_json
 from anomaly.jsonio import write_json
 from anomaly.models.autoencoder import AutoencoderSliceModel, MapConfig
+from anomaly.models.denoiser import ImageDenoiser
 from anomaly.models.restoration import LatentDiffusionHealer, load_restoration
 from anomaly.preprocess import InputSpec
 
@@ -100,8 +101,8 @@ def load_model_folder(folder: str | os.PathLike[str], *, name: str | None = None
 
 
 def save_model_folder(folder: str | os.PathLike[str], vae: AutoencoderKL, *, name: str, input_spec: InputSpec,
-                      restoration: LatentDiffusionHealer | None = None, map_config: MapConfig | None = None,
-                      force_fp32: bool = False, extra: dict[str, Any] | None = None) -> Path:
+                      restoration: LatentDiffusionHealer | ImageDenoiser | None = None,
+                      map_config: MapConfig | None = None, force_fp32: bool = False, extra: dict[str, Any] | None = None) -> Path:
     """Write a model folder: ``vae/`` via ``save_pretrained``, ``healer/`` when present, and the meta file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

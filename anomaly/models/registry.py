@@ -63,7 +63,7 @@ def _hf_cache_folder(repo_id: str) -> Path | None:
 
 
 _DEFAULT = ModelEntry(
-    "default", "the shipped CPU-sized brain VAE with its latent restoration stage (see its MODEL_CARD.md)",
+    "default", "the shipped CPU-sized brain model, a denoising restoration stage beside a brain VAE (see its MODEL_CARD.md)",
     how_to_get="it ships inside the package under anomaly/assets/models/default; reinstall the package")
 
 

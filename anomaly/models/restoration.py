@@ -10,10 +10,13 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
+
+if TYPE_CHECKING:
+    from anomaly.models.denoiser import ImageDenoiser
 
 HEALER_CONFIG = "healer.json"
 
@@ -105,13 +108,15 @@ class LatentDiffusionHealer(torch.nn.Module):
         return cls(unet.eval(), scheduler, HealerConfig(**data))
 
 
-RESTORATION_KINDS: dict[str, type[LatentDiffusionHealer]] = {"latent-ddim": LatentDiffusionHealer}
+def load_restoration(folder: str | os.PathLike[str], **overrides: Any) -> LatentDiffusionHealer | ImageDenoiser:
+    """Load the restoration stage stored in ``folder`` by the kind its config names: ``latent-ddim`` (the
+    latent diffusion healer) or ``image-dae`` (:class:`anomaly.models.denoiser.ImageDenoiser`)."""
+    from anomaly.models.denoiser import DENOISER_KIND, ImageDenoiser  # imports this module's HEALER_CONFIG
 
-
-def load_restoration(folder: str | os.PathLike[str], **overrides: Any) -> LatentDiffusionHealer:
-    """Load the restoration stage stored in ``folder`` by the kind its config names."""
     folder = Path(folder)
     kind = json.loads((folder / HEALER_CONFIG).read_text()).get("kind", "latent-ddim")
-    if kind not in RESTORATION_KINDS:
-        raise ValueError(f"{folder}: unknown restoration kind {kind!r}; known: {', '.join(RESTORATION_KINDS)}")
-    return RESTORATION_KINDS[kind].from_pretrained(folder, **overrides)
+    if kind == DENOISER_KIND:
+        return ImageDenoiser.from_pretrained(folder, **overrides)
+    if kind != "latent-ddim":
+        raise ValueError(f"{folder}: unknown restoration kind {kind!r}; known: latent-ddim, {DENOISER_KIND}")
+    return LatentDiffusionHealer.from_pretrained(folder, **overrides)

@@ -100,8 +100,42 @@ class HealerTrainConfig:
 
 
 @dataclass(frozen=True)
+class DenoiserTrainConfig:
+    """The image-space restoration stage (:class:`anomaly.models.denoiser.ImageDenoiser`): a UNet learns
+    to return healthy slices from copies corrupted by coarse Gaussian noise (std drawn per slice between
+    ``noise_std`` bounds on a ``noise_grid`` x ``noise_grid`` grid, upsampled, inside the brain), after
+    the recipe's augmentation; MSE loss, EMA weights. Class conditioning as for the healer. ``crop_size``
+    and ``crop_until_step`` train on random crops first (cheaper), as for the VAE, then on whole slices
+    in batches of ``full_batch_size``."""
+
+    block_out_channels: tuple[int, ...] = (16, 32, 64, 128)
+    layers_per_block: int = 1
+    noise_std: tuple[float, float] = (0.05, 0.2)
+    noise_grid: int = 16
+    batch_size: int = 16
+    crop_size: int = 0
+    crop_until_step: int = 0
+    full_batch_size: int = 0
+    lr: float = 2e-4
+    max_steps: int = 4000
+    max_minutes: float = 0.0
+    ema_decay: float = 0.999
+    val_every: int = 200
+    patience: int = 0
+    class_conditional: bool = True
+    uncond_prob: float = 0.15
+    balance_contrasts: bool = True
+
+    def __post_init__(self) -> None:
+        low, high = (float(v) for v in self.noise_std)
+        if not 0 <= low <= high:
+            raise ConfigError(f"denoiser.noise_std must be [low, high] with 0 <= low <= high, not {list(self.noise_std)}")
+
+
+@dataclass(frozen=True)
 class TrainRecipe:
-    """A whole training recipe: ``stage`` is ``vae``, ``healer`` or ``both``; ``save_fp16`` halves the
+    """A whole training recipe: ``stage`` is ``vae``, ``healer``, ``both`` (VAE then healer) or ``denoiser``
+    (the image-space restoration stage, kept with the VAE that ``vae_from`` names); ``save_fp16`` halves the
     weight files (they load back as float32); ``map`` is the map rule written into the model folder
     (:class:`anomaly.models.autoencoder.MapConfig`); ``vae_from`` (with stage ``healer``) names the
     ``AutoencoderKL`` folder the healer is trained on, instead of the one the vae stage wrote."""
@@ -117,10 +151,14 @@ class TrainRecipe:
     data: DataConfig = field(default_factory=DataConfig)
     vae: VaeTrainConfig = field(default_factory=VaeTrainConfig)
     healer: HealerTrainConfig = field(default_factory=HealerTrainConfig)
+    denoiser: DenoiserTrainConfig = field(default_factory=DenoiserTrainConfig)
 
     def __post_init__(self) -> None:
-        if self.stage not in ("vae", "healer", "both"):
-            raise ConfigError(f"stage must be vae, healer or both, not {self.stage!r}")
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage must be one of {', '.join(STAGES)}, not {self.stage!r}")
+
+
+STAGES = ("vae", "healer", "both", "denoiser")
 
 
 def load_recipe(path: str | os.PathLike[str], **overrides: Any) -> TrainRecipe:
@@ -128,6 +166,6 @@ def load_recipe(path: str | os.PathLike[str], **overrides: Any) -> TrainRecipe:
     data = load_yaml(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
     recipe = from_dict(TrainRecipe, data)
-    if not recipe.data.volumes and recipe.stage != "healer":
+    if not recipe.data.volumes and recipe.stage not in ("healer", "denoiser"):
         raise ConfigError(f"{Path(path)}: data.volumes is empty; list the training volumes (glob patterns)")
     return recipe

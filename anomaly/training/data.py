@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -146,9 +147,9 @@ def lesion_on_grid(mask_path: Path, prepared: PreparedVolume) -> np.ndarray:
     """A native lesion mask resampled (nearest) onto a prepared volume's model grid."""
     mask = load_mask(mask_path).astype(np.float32)
     src = MetaTensor(torch.as_tensor(mask)[None], affine=torch.as_tensor(prepared.native_affine, dtype=torch.float64))
-    out = SpatialResample(mode="nearest", padding_mode="zeros", dtype=np.float32)(
-        src, dst_affine=torch.as_tensor(prepared.affine, dtype=torch.float64), spatial_size=prepared.image.shape)
-    return np.asarray(out[0].as_tensor().numpy()) > 0.5
+    out = cast(MetaTensor, SpatialResample(mode="nearest", padding_mode="zeros", dtype=np.float32)(
+        src, dst_affine=torch.as_tensor(prepared.affine, dtype=torch.float64), spatial_size=prepared.image.shape))
+    return np.asarray(out.as_tensor()[0].numpy()) > 0.5
 
 
 def healthy_slices(source: VolumeSource, spec: InputSpec, preprocess: PreprocessConfig | None = None,

@@ -16,17 +16,10 @@ from tqdm.auto import tqdm
 from anomaly.contrast import CONTRASTS
 from anomaly.models.restoration import HealerConfig, LatentDiffusionHealer
 from anomaly.training.augment import AugmentConfig, augment_batch, build_augmentation
-from anomaly.training.common import (
-    Budget,
-    EarlyStopper,
-    Logger,
-    TrainResult,
-    load_checkpoint,
-    save_checkpoint,
-    seed_everything,
-)
+from anomaly.training.common import Logger, TrainResult, seed_everything
 from anomaly.training.config import HealerTrainConfig
 from anomaly.training.data import SliceSet
+from anomaly.training.loop import LoopSettings, TrainingLoop, ema_weights
 from anomaly.training.vae import autocast
 
 CHECKPOINT = "healer_checkpoint.pt"
@@ -149,66 +142,35 @@ def train_healer(vae: AutoencoderKL, train: SliceSet, val: SliceSet | None, conf
     scheduler = DDPMScheduler(num_train_timesteps=config.num_train_timesteps, clip_sample=False)
     ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=1e-4)
-    stopper = EarlyStopper(config.patience)
-    history: list[dict[str, float]] = []
-    step = 0
-    state = load_checkpoint(out_dir / CHECKPOINT) if resume else None
-    if state is not None:
-        unet.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
-        generator.set_state(state["generator"])
-        step, history = int(state["step"]), list(state["history"])
-        stopper.best, stopper.bad_checks = float(state["best_val"]), int(state["bad_checks"])
-        log(f"resumed healer training at step {step} from {out_dir / CHECKPOINT}")
-    budget = Budget(config.max_minutes)
-    stopped = "max_steps"
-    unet.train()
-    bar = tqdm(total=config.max_steps, initial=step, desc="healer", unit="step", disable=not progress, mininterval=5)
-    running = None
-    while step < config.max_steps:
+    loop = TrainingLoop(LoopSettings("healer", config.max_steps, "val_mse", config.max_minutes, config.val_every,
+                                     config.patience), out_dir / CHECKPOINT,
+                        {"model": unet, "optimizer": optimizer, "ema": ema}, generator, log=log, progress=progress)
+    if resume:
+        loop.resume()
+
+    def step(index: int) -> dict[str, float]:
         if weights is not None:
-            index = torch.multinomial(weights, config.batch_size, replacement=True, generator=generator)
+            picks = torch.multinomial(weights, config.batch_size, replacement=True, generator=generator)
         else:
-            index = torch.randint(0, len(train_z), (config.batch_size,), generator=generator)
-        z = train_z[index]
+            picks = torch.randint(0, len(train_z), (config.batch_size,), generator=generator)
         labels = None
         if train_y is not None:
-            labels = train_y[index].clone()
+            labels = train_y[picks].clone()
             labels[torch.rand(len(labels), generator=generator) < config.uncond_prob] = len(classes)
-        loss = _epsilon_loss(unet, scheduler, z, generator, config.bf16, labels)
+        loss = _epsilon_loss(unet, scheduler, train_z[picks], generator, config.bf16, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         ema.step(unet.parameters())
-        step += 1
-        value = float(loss.detach())
-        running = value if running is None else 0.95 * running + 0.05 * value
-        bar.update(1)
-        bar.set_postfix(mse=f"{running:.4f}")
-        last = step >= config.max_steps or budget.spent
-        if step % config.val_every == 0 or last:
-            record = {"step": float(step), "train_mse": running}
-            if len(val_z):
-                ema.store(unet.parameters())
-                ema.copy_to(unet.parameters())
-                record["val_mse"] = validation_mse(unet, scheduler, val_z, config.bf16, labels=val_y)
-                ema.restore(unet.parameters())
-                stopper.update(record["val_mse"])
-            history.append(record)
-            log("healer " + " ".join(f"{k}={v:.5g}" for k, v in record.items()))
-            save_checkpoint(out_dir / CHECKPOINT, {
-                "model": unet.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
-                "generator": generator.get_state(), "step": step, "history": history,
-                "best_val": stopper.best, "bad_checks": stopper.bad_checks})
-            if stopper.should_stop:
-                stopped = "early_stop"
-                break
-        if budget.spent:
-            stopped = "time_budget"
-            break
-    bar.close()
+        return {"mse": float(loss.detach())}
+
+    def validate() -> dict[str, float]:
+        with ema_weights(ema, unet):
+            return {"val_mse": validation_mse(unet, scheduler, val_z, config.bf16, labels=val_y)}
+
+    unet.train()
+    outcome = loop.run(step, validate if len(val_z) else None)
     final = copy.deepcopy(unet)
     ema.copy_to(final.parameters())
     final.eval()
@@ -216,5 +178,4 @@ def train_healer(vae: AutoencoderKL, train: SliceSet, val: SliceSet | None, conf
     healer = LatentDiffusionHealer(final, ddim, HealerConfig(
         t0=config.t0, steps=config.steps, draws=config.draws, latent_mean=mean, latent_scale=scale, classes=classes,
         t0_by_contrast=dict(config.t0_by_contrast)))
-    log(f"healer training ended at step {step} ({stopped})")
-    return TrainResult(healer, step, history, stopper.best, stopped)
+    return TrainResult(healer, outcome.step, outcome.history, outcome.best_val, outcome.stopped)

@@ -11,20 +11,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from tqdm.auto import tqdm
 
 from anomaly.training.augment import augment_batch, build_augmentation
-from anomaly.training.common import (
-    Budget,
-    EarlyStopper,
-    Logger,
-    TrainResult,
-    load_checkpoint,
-    save_checkpoint,
-    seed_everything,
-)
+from anomaly.training.common import Logger, TrainResult, seed_everything
 from anomaly.training.config import VaeTrainConfig
 from anomaly.training.data import SliceSet
+from anomaly.training.loop import LoopSettings, TrainingLoop
 
 CHECKPOINT = "vae_checkpoint.pt"
 
@@ -115,33 +107,23 @@ def train_vae(train: SliceSet, val: SliceSet | None, config: VaeTrainConfig, out
         log(f"VAE initialised from {config.init_from}")
     vae = vae.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=1e-4)
-    stopper = EarlyStopper(config.patience)
-    history: list[dict[str, float]] = []
-    step, best_state = 0, None
-    state = load_checkpoint(out_dir / CHECKPOINT) if resume else None
-    if state is not None:
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        step, history, best_state = int(state["step"]), list(state["history"]), state.get("best")
-        stopper.best, stopper.bad_checks = float(state["best_val"]), int(state["bad_checks"])
-        log(f"resumed VAE training at step {step} from {out_dir / CHECKPOINT}")
-    augment = build_augmentation(config.augment, seed=seed + step)
+    loop = TrainingLoop(LoopSettings("vae", config.max_steps, "val_l1", config.max_minutes, config.val_every,
+                                     config.patience), out_dir / CHECKPOINT, {"model": vae, "optimizer": optimizer},
+                        generator, log=log, progress=progress)
+    state = loop.resume() if resume else None
+    best: dict[str, Any] = {"best": state.get("best") if state else None}
+    augment = build_augmentation(config.augment, seed=seed + loop.step)
     ssim = None
     if config.ssim_weight > 0:
         from monai.losses import SSIMLoss
 
         ssim = SSIMLoss(spatial_dims=2, data_range=1.0)
-    budget = Budget(config.max_minutes)
-    stopped = "max_steps"
-    vae.train()
-    bar = tqdm(total=config.max_steps, initial=step, desc="vae", unit="step", disable=not progress, mininterval=5)
-    running: dict[str, float] = {}
-    while step < config.max_steps:
-        cropping = config.crop_size > 0 and (config.crop_until_step <= 0 or step < config.crop_until_step)
+
+    def step(index: int) -> dict[str, float]:
+        cropping = config.crop_size > 0 and (config.crop_until_step <= 0 or index < config.crop_until_step)
         batch_size = config.batch_size if cropping else (config.full_batch_size or config.batch_size)
-        index = torch.randint(0, len(train), (batch_size,), generator=generator)
-        clean = augment_batch(augment, train.images[index], train.masks[index])
+        picks = torch.randint(0, len(train), (batch_size,), generator=generator)
+        clean = augment_batch(augment, train.images[picks], train.masks[picks])
         if cropping and config.crop_size < clean.shape[-1]:
             clean = random_crops(clean, config.crop_size, generator)
         model_input = clean
@@ -153,32 +135,16 @@ def train_vae(train: SliceSet, val: SliceSet | None, config: VaeTrainConfig, out
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
-        step += 1
-        running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in parts.items()}
-        bar.update(1)
-        bar.set_postfix(l1=f"{running['l1']:.4f}")
-        last = step >= config.max_steps or budget.spent
-        if step % config.val_every == 0 or last:
-            record = {"step": float(step), **{f"train_{k}": v for k, v in running.items()}}
-            if val is not None and len(val):
-                record["val_l1"] = validation_l1(vae, val, config)
-                if stopper.update(record["val_l1"]):
-                    best_state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
-            history.append(record)
-            log("vae " + " ".join(f"{k}={v:.5g}" for k, v in record.items()))
-            save_checkpoint(out_dir / CHECKPOINT, {
-                "model": vae.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                "step": step, "history": history, "best": best_state, "best_val": stopper.best,
-                "bad_checks": stopper.bad_checks})
-            if stopper.should_stop:
-                stopped = "early_stop"
-                break
-        if budget.spent:
-            stopped = "time_budget"
-            break
-    bar.close()
-    if best_state is not None:
-        vae.load_state_dict(best_state)
+        return parts
+
+    def keep_best() -> None:
+        best["best"] = {k: v.detach().clone() for k, v in vae.state_dict().items()}
+
+    validate = (lambda: {"val_l1": validation_l1(vae, val, config)}) if val is not None and len(val) else None
+    vae.train()
+    outcome = loop.run(step, validate, on_best=keep_best, extra=lambda: dict(best))
+    if best["best"] is not None:
+        vae.load_state_dict(best["best"])
     vae.eval()
-    log(f"vae training ended at step {step} ({stopped}); best validation L1 {stopper.best:.5g}")
-    return TrainResult(vae, step, history, stopper.best, stopped)
+    log(f"best validation L1 {outcome.best_val:.5g}")
+    return TrainResult(vae, outcome.step, outcome.history, outcome.best_val, outcome.stopped)

@@ -1,0 +1,105 @@
+"""Image-space restoration: a denoising UNet trained to remove coarse noise from healthy slices.
+
+Trained only on normal anatomy, the network learns to pull any blob-sized departure from it back
+towards normal tissue (the denoising-autoencoder approach to brain anomaly detection), so at scoring
+the clean slice goes in and the difference between it and the network's output points at disease.
+It works on the slice itself, not on a VAE latent, so its residual is as sharp as the input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DModel
+
+from anomaly.models.restoration import HEALER_CONFIG
+
+DENOISER_KIND = "image-dae"
+
+
+@dataclass(frozen=True)
+class DenoiserConfig:
+    """The contrasts of a class-conditional UNet's classes (one more class, last, is "unknown"), and
+    the coarse-noise level it was trained on (recorded for the model card; scoring adds no noise)."""
+
+    kind: str = DENOISER_KIND
+    classes: tuple[str, ...] = ()
+    noise_std: tuple[float, float] = (0.05, 0.2)
+    noise_grid: int = 16
+    draws: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+        object.__setattr__(self, "noise_std", tuple(float(v) for v in self.noise_std))
+
+    def class_index(self, contrast: str | None) -> int:
+        """The UNet class of a contrast; the "unknown" class (last) for one it was not trained on."""
+        return self.classes.index(contrast) if contrast in self.classes else len(self.classes)
+
+
+class ImageDenoiser(torch.nn.Module):
+    """A diffusers ``UNet2DModel`` (timestep fixed at 0) mapping a slice in [0, 1] to its healthy version.
+
+    The UNet predicts the correction, not the slice (residual learning, as in DnCNN): the identity is
+    where training starts, so a small network learns to denoise in far fewer steps."""
+
+    space = "image"
+
+    def __init__(self, unet: UNet2DModel, config: DenoiserConfig) -> None:
+        super().__init__()
+        self.unet = unet
+        self.config = config
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's output for a ``[B, 1, H, W]`` batch in [0, 1] (model space is [-1, 1])."""
+        t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        if labels is None and self.config.classes:  # a class-conditional UNet needs a class: "unknown"
+            labels = torch.full_like(t, len(self.config.classes))
+        return x + self.unet(x * 2 - 1, t, class_labels=labels).sample / 2
+
+    @torch.inference_mode()
+    def restore(self, x: torch.Tensor, contrast: str | None = None) -> torch.Tensor:
+        """The healthy version of a batch of slices ``[B, 1, H, W]`` in [0, 1] (of ``contrast`` when the
+        UNet is class-conditional), clipped to [0, 1] and zero where the input is zero (outside the brain)."""
+        labels = None
+        if self.config.classes:
+            labels = torch.full((x.shape[0],), self.config.class_index(contrast), dtype=torch.long, device=x.device)
+        out = self(x.float(), labels).clamp(0, 1)
+        return out * (x > 0)
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
+        folder = Path(folder)
+        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        (folder / HEALER_CONFIG).write_text(json.dumps(asdict(self.config), indent=2))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike[str], **overrides: Any) -> ImageDenoiser:
+        folder = Path(folder)
+        data = json.loads((folder / HEALER_CONFIG).read_text())
+        known = {f.name for f in fields(DenoiserConfig)}
+        data.update({k: v for k, v in overrides.items() if v is not None and k in known})
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{folder / HEALER_CONFIG}: unknown key(s) {', '.join(unknown)}; "
+                             f"allowed: {', '.join(sorted(known))}")
+        unet = UNet2DModel.from_pretrained(folder / "unet")
+        return cls(unet.eval(), DenoiserConfig(**data))
+
+
+def build_denoiser_unet(block_out_channels: tuple[int, ...], layers_per_block: int, slice_size: int,
+                        num_classes: int = 0) -> UNet2DModel:
+    """A 1-channel image ``UNet2DModel`` without attention (cheap on a CPU at 128-192 px); with
+    ``num_classes`` > 0 a class embedding (one class per contrast plus "unknown")."""
+    channels = tuple(int(c) for c in block_out_channels)
+    groups = min(32, channels[0])
+    if any(c % groups for c in channels):
+        raise ValueError(f"denoiser.block_out_channels {channels} must all be multiples of {groups}")
+    return UNet2DModel(sample_size=slice_size, in_channels=1, out_channels=1, block_out_channels=channels,
+                       down_block_types=("DownBlock2D",) * len(channels), up_block_types=("UpBlock2D",) * len(channels),
+                       layers_per_block=layers_per_block, norm_num_groups=groups,
+                       num_class_embeds=num_classes or None)

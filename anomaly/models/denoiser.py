@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
+from anomaly.configparse import load_json
 from anomaly.models.restoration import HEALER_CONFIG
 
 DENOISER_KIND = "image-dae"
@@ -80,7 +81,7 @@ class ImageDenoiser(torch.nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike[str], **overrides: Any) -> ImageDenoiser:
         folder = Path(folder)
-        data = json.loads((folder / HEALER_CONFIG).read_text())
+        data = load_json(folder / HEALER_CONFIG, HEALER_CONFIG)
         known = {f.name for f in fields(DenoiserConfig)}
         data.update({k: v for k, v in overrides.items() if v is not None and k in known})
         unknown = sorted(set(data) - known)

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
+from anomaly.configparse import load_json
+
 if TYPE_CHECKING:
     from anomaly.models.denoiser import ImageDenoiser
 
@@ -96,7 +98,7 @@ class LatentDiffusionHealer(torch.nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike[str], **overrides: Any) -> LatentDiffusionHealer:
         folder = Path(folder)
-        data = json.loads((folder / HEALER_CONFIG).read_text())
+        data = load_json(folder / HEALER_CONFIG, HEALER_CONFIG)
         data.update({k: v for k, v in overrides.items() if v is not None})
         unet = UNet2DModel.from_pretrained(folder / "unet")
         scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
@@ -114,7 +116,7 @@ def load_restoration(folder: str | os.PathLike[str], **overrides: Any) -> Latent
     from anomaly.models.denoiser import DENOISER_KIND, ImageDenoiser  # imports this module's HEALER_CONFIG
 
     folder = Path(folder)
-    kind = json.loads((folder / HEALER_CONFIG).read_text()).get("kind", "latent-ddim")
+    kind = load_json(folder / HEALER_CONFIG, HEALER_CONFIG).get("kind", "latent-ddim")
     if kind == DENOISER_KIND:
         return ImageDenoiser.from_pretrained(folder, **overrides)
     if kind != "latent-ddim":

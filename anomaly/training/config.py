@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anomaly.config import ConfigError, from_dict, load_yaml
+from anomaly.configparse import ConfigError, build, load_yaml
 from anomaly.models.autoencoder import MapConfig
 from anomaly.training.augment import AugmentConfig
 
@@ -165,7 +165,7 @@ def load_recipe(path: str | os.PathLike[str], **overrides: Any) -> TrainRecipe:
     """A recipe from YAML; a relative ``data.base`` is taken relative to the current directory."""
     data = load_yaml(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
-    recipe = from_dict(TrainRecipe, data)
+    recipe = build(TrainRecipe, data, source=path)
     if not recipe.data.volumes and recipe.stage not in ("healer", "denoiser"):
         raise ConfigError(f"{Path(path)}: data.volumes is empty; list the training volumes (glob patterns)")
     return recipe

@@ -11,26 +11,29 @@ import altair as alt
 import numpy as np
 import pandas as pd
 import streamlit as st
-from sqlalchemy import select
 
 from anomaly.outputs import sibling
 from anomaly.store import (
     Result,
     RunSummary,
+    ScoreSummary,
     Store,
+    count_at_least,
     get_run,
+    labelled_results,
     list_calibrations,
-    run_results,
+    reviewed_scores,
     save_calibration,
+    score_summary,
 )
 from dashboard import state
 from dashboard.curves import (
     NEGATIVE_VERDICTS,
     POSITIVE_VERDICTS,
     VoxelCurves,
+    labels_of_verdicts,
     operating_point,
     scan_curves,
-    verdict_labels,
     voxel_curves,
 )
 from dashboard.paths import LABEL_KEY, UnsafePathError, result_file
@@ -47,15 +50,16 @@ MAX_LABELLED = 40
 """Labelled scans pooled for the voxel curves (the highest-scoring ones beyond this are left out)."""
 
 
-def histogram(scores: np.ndarray, threshold: float) -> alt.LayerChart:
-    """Histogram of scan scores with a red line at the threshold."""
-    data = pd.DataFrame({"score": scores})
+def histogram(summary: ScoreSummary, threshold: float) -> alt.LayerChart:
+    """Histogram of scan scores (binned in the database) with a red line at the threshold."""
+    data = pd.DataFrame({"start": summary.edges[:-1], "end": summary.edges[1:], "scans": summary.counts})
     bars = (
         alt.Chart(data)
         .mark_bar(opacity=0.8)
         .encode(
-            x=alt.X("score:Q", bin=alt.Bin(maxbins=40), title="scan score"),
-            y=alt.Y("count():Q", title="scans"),
+            x=alt.X("start:Q", title="scan score"),
+            x2="end:Q",
+            y=alt.Y("scans:Q", title="scans"),
         )
     )
     rule = (
@@ -90,17 +94,12 @@ def line_chart(
     return chart.properties(height=240)
 
 
-def labelled_results(store: Store, run_id: int) -> list[Result]:
-    """Scored results of the run with a label mask recorded in their details."""
+def labelled(store: Store, run_id: int) -> tuple[list[Result], bool]:
+    """The highest-scoring scored results of the run with a label mask recorded in their details (at most
+    ``MAX_LABELLED``), and whether there are more."""
     with store.session() as s:
-        results = list(
-            s.scalars(
-                select(Result)
-                .where(Result.run_id == run_id, Result.status == "ok")
-                .order_by(Result.score.desc())
-            )
-        )
-    return [r for r in results if isinstance(r.details, dict) and r.details.get(LABEL_KEY)]
+        found, more = labelled_results(s, run_id, LABEL_KEY, MAX_LABELLED)
+    return [r for r in found if isinstance(r.details, dict) and r.details.get(LABEL_KEY)], more
 
 
 @st.cache_data(max_entries=8, show_spinner="Pooling labelled voxels…")
@@ -123,8 +122,8 @@ def _brain_beside(map_path: Path) -> Path | None:
 
 def voxel_section(store: Store, run_id: int, out_dir: str) -> VoxelCurves | None:
     """Voxel-level curves from recorded label masks; explains what is missing when there are none."""
-    labelled = labelled_results(store, run_id)
-    if not labelled:
+    results, more = labelled(store, run_id)
+    if not results:
         st.caption(
             "Voxel-level ROC/PR and Dice-versus-threshold need label masks. None are recorded for this run "
             f"(a result's `details['{LABEL_KEY}']`, written when scans are scored or evaluated with labels); "
@@ -132,7 +131,7 @@ def voxel_section(store: Store, run_id: int, out_dir: str) -> VoxelCurves | None
         )
         return None
     sources, problems = [], []
-    for result in labelled[:MAX_LABELLED]:
+    for result in results:
         try:
             map_path, label_path = result_file(result, out_dir, "map"), result_file(result, out_dir, "label")
         except UnsafePathError as exc:
@@ -157,14 +156,16 @@ def voxel_section(store: Store, run_id: int, out_dir: str) -> VoxelCurves | None
         return None
     st.caption(
         f"Pooled over {curves.n_scans} labelled scans ({curves.n_lesion_voxels} lesion voxels)"
-        + (
-            f"; the {len(labelled) - MAX_LABELLED} lowest-scoring labelled scans are left out"
-            if len(labelled) > MAX_LABELLED
-            else ""
-        )
+        + (f"; labelled scans beyond the {MAX_LABELLED} highest-scoring are left out" if more else "")
         + "."
     )
     return curves
+
+
+def flagged_at(store: Store, run_id: int, threshold: float) -> int:
+    """Scored scans of the run at or above ``threshold`` (counted in the database)."""
+    with store.session() as s:
+        return count_at_least(s, run_id, threshold)
 
 
 def _init(run_id: int, scan_default: float, voxel_default: float | None) -> None:
@@ -218,8 +219,9 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
     if run is None:
         empty_runs()
         return
-    with store.session() as s:
-        rows = run_results(s, run.run_id, status="ok", order="score_desc")
+    with store.session() as s:  # the scores as a histogram and the reviewed ones: never the whole run
+        summary = score_summary(s, run.run_id, bins=40, quantiles=(0.95,))
+        reviewed = reviewed_scores(s, run.run_id)
         run_row = get_run(s, run.run_id)
         model_id, settings_hash, out_dir = run_row.model_id, run_row.settings_hash, run_row.out_dir
         current = run_row.calibration
@@ -235,17 +237,16 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
             }
             for c in calibrations
         ]
-    scores = np.asarray([r.score for r in rows if r.score is not None and np.isfinite(r.score)], dtype=float)
-    if scores.size == 0:
+    if summary is None:
         st.info(f"Run {run.run_id} has no scored scans yet; calibration needs scan scores.")
         return
-    low, high = float(scores.min()), float(scores.max())
+    low, high = summary.low, summary.high
     if high <= low:
         high = low + 1.0
     scan_default = (
         current.scan_threshold
         if current is not None and current.scan_threshold is not None
-        else float(np.percentile(scores, 95))
+        else summary.quantiles[0.95]
     )
     _init(
         run.run_id,
@@ -274,12 +275,12 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
         help="A scan is flagged when its score is at or above this value.",
     )
     threshold = float(ss[SCAN_THRESHOLD])
-    labels = verdict_labels(rows)
+    labels = labels_of_verdicts(reviewed.scores, reviewed.verdicts, reviewed.n_unreviewed)
     c1, c2 = st.columns([2, 1])
-    c1.altair_chart(histogram(scores, threshold), width="stretch")
-    n_flag = int((scores >= threshold).sum())
-    c2.metric("Flagged at this threshold", f"{n_flag} of {scores.size}")
-    metrics: dict[str, Any] = {"n_scans": int(scores.size), "n_flagged": n_flag}
+    c1.altair_chart(histogram(summary, threshold), width="stretch")
+    n_flag = flagged_at(store, run.run_id, threshold)
+    c2.metric("Flagged at this threshold", f"{n_flag} of {summary.n}")
+    metrics: dict[str, Any] = {"n_scans": summary.n, "n_flagged": n_flag}
     if labels.n_pos or labels.n_neg:
         point = operating_point(labels.scores, labels.labels, threshold)
         metrics["verdicts"] = {"n_abnormal": labels.n_pos, "n_normal": labels.n_neg, **point}

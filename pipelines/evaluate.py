@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
-from sqlalchemy import func, select
 from tqdm import tqdm
 
 from anomaly.calibration import apply_threshold
@@ -31,7 +30,15 @@ from anomaly.fileio import write_text_atomic
 from anomaly.metrics import LesionStats, RankedScores, lesion_detection, scan_auroc
 from anomaly.mood import MoodItem, export_mood
 from anomaly.outputs import sibling
-from anomaly.store import Run, Store, get_calibration, get_run, run_results, to_jsonable
+from anomaly.store import (
+    Store,
+    get_calibration,
+    get_run,
+    latest_run_id,
+    merge_result_details,
+    run_results,
+    to_jsonable,
+)
 from anomaly.volume import load_mask, load_volume, scan_name
 from pipelines.batch import calibration_settings_problem, write_csv
 from pipelines.calibrate import find_label, label_index, map_grid
@@ -104,7 +111,7 @@ def resolve_run(store: Store, run_id: int | None, calibration: str | None = None
     to apply (``calibration`` or the run's)."""
     with store.session() as s:
         if run_id is None:
-            run_id = s.execute(select(func.max(Run.id))).scalar_one()
+            run_id = latest_run_id(s)
             if run_id is None:
                 raise EvaluateError(f"{store.url} holds no runs; score scans with `anomaly score` first")
         run = get_run(s, run_id)
@@ -365,18 +372,9 @@ def evaluate_run(store: Store, run_id: int | None, labels_dir: str | os.PathLike
 
 def record_label_paths(store: Store, run_id: int, labels: dict[str, Path]) -> int:
     """Remember each result's label mask (``details["label_path"]``) so the dashboard can draw voxel curves."""
-    from sqlalchemy import select
-
-    from anomaly.store.schema import Result
-
-    updated = 0
     with store.session() as s:
-        for result in s.scalars(select(Result).where(Result.run_id == run_id)):
-            label = labels.get(result.input_path)
-            if label is not None:
-                result.details = {**(result.details or {}), "label_path": str(Path(label).resolve())}
-                updated += 1
-    return updated
+        return merge_result_details(s, run_id, {path: {"label_path": str(Path(label).resolve())}
+                                                for path, label in labels.items()})
 
 
 def _mean(values: Iterable[Any]) -> float | None:

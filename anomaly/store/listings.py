@@ -200,9 +200,7 @@ def _walk(s: Session, run_id: int, order: Order, filters: Filters, start: Positi
         return [_row(r._mapping) for r in s.execute(stmt.order_by(*order.by()).limit(limit))]
     rows: list[ResultRow] = []
     if start is None or not start.null:
-        stmt = base.where(order.key.is_not(None))
-        if start is not None:
-            stmt = stmt.where(after(order, start))
+        stmt = base.where(order.key.is_not(None) if start is None else after(order, start))
         rows = [_row(r._mapping) for r in s.execute(stmt.order_by(*order.by()).limit(limit))]
     if len(rows) < limit:
         stmt = base.where(order.key.is_(None))
@@ -224,7 +222,7 @@ def _walk_back(s: Session, run_id: int, order: Order, filters: Filters, start: P
             return _row(found._mapping)
         stmt = base.where(order.key.is_not(None))
     elif order.key is not None:
-        stmt = base.where(order.key.is_not(None), after(back, start))
+        stmt = base.where(after(back, start))
     else:
         stmt = base.where(after(back, start))
     found = s.execute(stmt.order_by(*back.by()).limit(1)).first()

@@ -83,7 +83,10 @@ def after(order: Order, position: Position) -> ColumnElement[bool]:
     ident = _beyond(Result.id, position.result_id, order.id_descending)
     if order.key is None or position.null:
         return ident
-    return or_(_beyond(order.key, position.value, order.descending), and_(order.key == position.value, ident))
+    # the bound alone is what an index range scan can start from; the OR picks the rows past the tie
+    bound = order.key <= position.value if order.descending else order.key >= position.value
+    return and_(bound, or_(_beyond(order.key, position.value, order.descending),
+                           and_(order.key == position.value, ident)))
 
 
 def _as_list(value: str | Iterable[str]) -> list[str]:

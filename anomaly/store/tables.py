@@ -88,7 +88,7 @@ def _findings_select(run_id: int | None) -> Select[Any]:
     return stmt if run_id is None else stmt.where(Result.run_id == run_id)
 
 
-def _reviews_select(run_id: int | None) -> Select[Any]:
+def _reviews_select(run_id: int | None, newest_first: bool = False) -> Select[Any]:
     stmt = (
         select(
             Result.run_id.label("run_id"), Result.id.label("result_id"), Scan.content_hash.label("scan_id"),
@@ -98,9 +98,14 @@ def _reviews_select(run_id: int | None) -> Select[Any]:
         )  # fmt: skip
         .join(Result, Result.id == Review.result_id)
         .join(Scan, Scan.id == Result.scan_id)
-        .order_by(Result.run_id, Result.id, Review.created_at, Review.id)
+        .order_by(*((Review.id.desc(),) if newest_first else
+                    (Result.run_id, Result.id, Review.created_at, Review.id)))
     )
-    return stmt if run_id is None else stmt.where(Result.run_id == run_id)
+    if run_id is None:
+        return stmt
+    # newest first walks the reviews back from the newest and checks each one's run (``+ 0`` keeps the
+    # planner from starting at the run's results instead, which would walk every result of the run)
+    return stmt.where((Result.run_id + 0 if newest_first else Result.run_id) == run_id)
 
 
 def iter_results_table(s: Session, run_id: int | None = None, limit: int | None = None) -> Iterator[dict[str, Any]]:
@@ -114,8 +119,9 @@ def iter_findings_table(s: Session, run_id: int | None = None, limit: int | None
 
 
 def iter_reviews_table(s: Session, run_id: int | None = None, limit: int | None = None) -> Iterator[dict[str, Any]]:
-    """One row per review (of one run or all), in ``REVIEW_COLUMNS`` order, streamed."""
-    return _stream(s, _reviews_select(run_id), REVIEW_COLUMNS, limit)
+    """One row per review (of one run or all), in ``REVIEW_COLUMNS`` order, streamed; with ``limit``, the
+    newest reviews (walked from the newest review back, so a preview never walks a run's results)."""
+    return _stream(s, _reviews_select(run_id, newest_first=limit is not None), REVIEW_COLUMNS, limit)
 
 
 def results_table(s: Session, run_id: int | None = None, limit: int | None = None) -> list[dict[str, Any]]:

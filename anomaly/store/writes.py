@@ -189,7 +189,7 @@ def scored_states(s: Session, run: Run | int, scan_ids: Iterable[int]) -> dict[i
     for start in range(0, len(wanted), _CHUNK):
         chunk = wanted[start : start + _CHUNK]
         stems.update(s.execute(select(OutputName.scan_id, OutputName.stem).where(
-            OutputName.run_id == run_id, OutputName.scan_id.in_(chunk))).tuples())
+            OutputName.run_id == run_id, OutputName.scan_id.in_(chunk))).all())
         stmt = select(Result.scan_id, Result.status, Result.score, Result.flagged, Result.map_path, Result.mask_path,
                       Result.recon_path, Result.n_findings).where(Result.run_id == run_id, Result.scan_id.in_(chunk))
         for row in s.execute(stmt):
@@ -419,3 +419,18 @@ def refresh_run(s: Session, run: Run | int) -> Run:
     s.flush()
     return run_obj
 
+
+
+def merge_result_details(s: Session, run: Run | int, by_input_path: Mapping[str, Mapping[str, Any]]) -> int:
+    """Merge keys into the details of the run's results named by input path (set queries, a chunk of paths
+    at a time); returns how many results were updated."""
+    run_id = record_id(run, "run")
+    paths = sorted(by_input_path)
+    updated = 0
+    for start in range(0, len(paths), _CHUNK):
+        chunk = paths[start : start + _CHUNK]
+        for result in s.scalars(select(Result).where(Result.run_id == run_id, Result.input_path.in_(chunk))):
+            result.details = {**(result.details or {}), **to_jsonable(dict(by_input_path[result.input_path]))}
+            updated += 1
+    s.flush()
+    return updated

@@ -148,8 +148,9 @@ def failed_list(store: Store, run: RunSummary) -> None:
     if not run.n_failed:
         return
     with store.session() as s:
-        failed = result_page(s, run.run_id, order="name", status="failed", size=FAILED_SHOWN).rows
-    more = f", the first {FAILED_SHOWN} by name (filter by status to see all)" if run.n_failed > FAILED_SHOWN else ""
+        # failed scans have no score: the status index then walks them in the order they were scored
+        failed = result_page(s, run.run_id, order="score_desc", status="failed", size=FAILED_SHOWN).rows
+    more = f", the first {FAILED_SHOWN} (filter by status to see all)" if run.n_failed > FAILED_SHOWN else ""
     st.subheader(f"Failed scans ({run.n_failed}{more})")
     st.dataframe(
         [{"scan": r.scan_name, "input": r.input_path, "reason": r.error or "no reason recorded"} for r in failed],

@@ -263,8 +263,9 @@ def measure(root: Path, args: argparse.Namespace, url: str) -> None:
     fill_s = time.perf_counter() - t0
     print(f"filled {args.n} + {args.big} scans in {fill_s:.1f} s")
     child = subprocess.run([sys.executable, __file__, "--drive", url, str(run_id), str(args.n), str(args.big),
-                            str(args.shape)], check=True, capture_output=True, text=True,
-                           env=dict(os.environ, PYTHONPATH=str(REPO)))
+                            str(args.shape)], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    if child.returncode:
+        raise SystemExit(f"the measuring process failed:\n{child.stderr[-3000:]}")
     summary = report(args, json.loads(child.stdout.strip().splitlines()[-1]), fill_s)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))

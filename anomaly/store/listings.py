@@ -42,6 +42,8 @@ class RunSummary:
     mean_timing_s: float | None
     n_findings: int = 0
     n_reviews: int = 0
+    version: int = 0
+    """Bumped by every write to the run's results and reviews: the key of any cache of the run's data."""
 
     @property
     def calibration(self) -> str | None:
@@ -68,7 +70,7 @@ def list_runs(s: Session) -> list[RunSummary]:
             Run.n_failed.label("n_failed"), Run.n_flagged.label("n_flagged"), Run.n_reviewed.label("n_reviewed"),
             Run.n_skipped.label("n_skipped"), Run.n_timed.label("n_timed"),
             Run.timing_total_s.label("timing_total_s"), Run.n_findings.label("n_findings"),
-            Run.n_reviews.label("n_reviews"),
+            Run.n_reviews.label("n_reviews"), Run.version.label("version"),
         )  # fmt: skip
         .join(Model, Model.id == Run.model_id)
         .outerjoin(Calibration, Calibration.id == Run.calibration_id)
@@ -79,7 +81,7 @@ def list_runs(s: Session) -> list[RunSummary]:
         values = dict(row._mapping)
         n_timed, total = int(values.pop("n_timed") or 0), float(values.pop("timing_total_s") or 0.0)
         counts = {k: int(values[k] or 0) for k in ("n_results", "n_ok", "n_failed", "n_flagged", "n_reviewed",
-                                                   "n_skipped", "n_findings", "n_reviews")}
+                                                   "n_skipped", "n_findings", "n_reviews", "version")}
         summaries.append(RunSummary(**{**values, **counts, "mean_timing_s": total / n_timed if n_timed else None}))
     return summaries
 

@@ -38,7 +38,7 @@ def add_review(s: Session, result_id: int, reviewer: str, verdict: str, note: st
     newly_reviewed = result.verdict is None and result.status == "ok"
     result.verdict, result.reviewer, result.reviewed_at, result.review_id = (
         verdict, reviewer, review.created_at, review.id)
-    counts = {"n_reviews": Run.n_reviews + 1}
+    counts = {"n_reviews": Run.n_reviews + 1, "version": Run.version + 1}
     if newly_reviewed:
         counts["n_reviewed"] = Run.n_reviewed + 1
     s.execute(update(Run).where(Run.id == result.run_id).values(counts)

@@ -185,6 +185,8 @@ class Run(Base):
     n_reviews: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     n_timed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     timing_total_s: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Bumped by every write to the run's results or reviews: what caches of the run are keyed by."""
 
     model: Mapped[Model] = relationship(back_populates="runs")
     calibration: Mapped[Calibration | None] = relationship()

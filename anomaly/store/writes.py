@@ -139,7 +139,7 @@ def open_run(
     run = Run(
         model_id=model_id, settings=to_jsonable(dict(settings)), settings_hash=settings_hash, out_dir=out,
         calibration_id=calibration_id, started_at=utcnow(), executor=executor, n_scored=0, n_failed=0,
-        n_skipped=0, n_flagged=0, n_reviewed=0, n_findings=0, n_reviews=0, n_timed=0, timing_total_s=0.0,
+        n_skipped=0, n_flagged=0, n_reviewed=0, n_findings=0, n_reviews=0, n_timed=0, timing_total_s=0.0, version=0,
     )  # fmt: skip
     s.add(run)
     s.flush()
@@ -299,8 +299,8 @@ def _add_to_run_counts(s: Session, run_id: int, old: _Counted, new: _Counted) ->
         "n_timed": new.timed - old.timed, "timing_total_s": new.timing - old.timing,
     }  # fmt: skip
     values = {name: getattr(Run, name) + delta for name, delta in deltas.items() if delta}
-    if values:
-        s.execute(update(Run).where(Run.id == run_id).values(values).execution_options(synchronize_session=False))
+    values["version"] = Run.version + 1
+    s.execute(update(Run).where(Run.id == run_id).values(values).execution_options(synchronize_session=False))
 
 
 def upsert_result(
@@ -387,6 +387,7 @@ def finish_run(s: Session, run: Run | int, *, n_skipped: int | None = None) -> R
     s.flush()
     for name, value in _recount(s, run_obj.id).items():
         setattr(run_obj, name, value)
+    run_obj.version = (run_obj.version or 0) + 1
     if n_skipped is not None:
         run_obj.n_skipped = int(n_skipped)
     run_obj.finished_at = utcnow()
@@ -416,6 +417,7 @@ def refresh_run(s: Session, run: Run | int) -> Run:
     run_obj = get_run(s, run_id)
     for name, value in _recount(s, run_id).items():
         setattr(run_obj, name, value)
+    run_obj.version = (run_obj.version or 0) + 1
     s.flush()
     return run_obj
 
@@ -432,5 +434,7 @@ def merge_result_details(s: Session, run: Run | int, by_input_path: Mapping[str,
         for result in s.scalars(select(Result).where(Result.run_id == run_id, Result.input_path.in_(chunk))):
             result.details = {**(result.details or {}), **to_jsonable(dict(by_input_path[result.input_path]))}
             updated += 1
+    s.execute(update(Run).where(Run.id == run_id).values(version=Run.version + 1)
+              .execution_options(synchronize_session=False))
     s.flush()
     return updated

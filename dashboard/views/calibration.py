@@ -4,6 +4,7 @@ chosen thresholds as a named manual calibration."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import streamlit as st
 
 from anomaly.outputs import sibling
 from anomaly.store import (
-    Result,
+    ReviewedScores,
     RunSummary,
     ScoreSummary,
     Store,
@@ -36,6 +37,7 @@ from dashboard.curves import (
     scan_curves,
     voxel_curves,
 )
+from dashboard.db import get_store
 from dashboard.paths import LABEL_KEY, UnsafePathError, result_file
 from dashboard.text import plain
 from dashboard.views.common import empty_runs, selected_run
@@ -94,12 +96,38 @@ def line_chart(
     return chart.properties(height=240)
 
 
-def labelled(store: Store, run_id: int) -> tuple[list[Result], bool]:
-    """The highest-scoring scored results of the run with a label mask recorded in their details (at most
-    ``MAX_LABELLED``), and whether there are more."""
+@dataclass(frozen=True)
+class Labelled:
+    """What the voxel curves need of a labelled result: its id, recorded files and details."""
+
+    id: int
+    input_path: str
+    map_path: str | None
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunData:
+    """What the page reads of a run: the score histogram, the reviewed scores and the labelled results."""
+
+    summary: ScoreSummary | None
+    reviewed: ReviewedScores
+    labelled: list[Labelled]
+    more_labelled: bool
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def run_data(url: str, run_id: int, version: int) -> RunData:
+    """The run's data for this page, read once per version of the run (every write to its results or
+    reviews bumps it, so a saved verdict or a new score is seen at the next rerun)."""
+    store = get_store()
     with store.session() as s:
+        summary = score_summary(s, run_id, bins=40, quantiles=(0.95,))
+        reviewed = reviewed_scores(s, run_id)
         found, more = labelled_results(s, run_id, LABEL_KEY, MAX_LABELLED)
-    return [r for r in found if isinstance(r.details, dict) and r.details.get(LABEL_KEY)], more
+        labelled = [Labelled(r.id, r.input_path, r.map_path, dict(r.details)) for r in found
+                    if isinstance(r.details, dict) and r.details.get(LABEL_KEY)]
+    return RunData(summary, reviewed, labelled, more)
 
 
 @st.cache_data(max_entries=8, show_spinner="Pooling labelled voxels…")
@@ -120,9 +148,9 @@ def _brain_beside(map_path: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def voxel_section(store: Store, run_id: int, out_dir: str) -> VoxelCurves | None:
+def voxel_section(data: RunData, out_dir: str) -> VoxelCurves | None:
     """Voxel-level curves from recorded label masks; explains what is missing when there are none."""
-    results, more = labelled(store, run_id)
+    results, more = data.labelled, data.more_labelled
     if not results:
         st.caption(
             "Voxel-level ROC/PR and Dice-versus-threshold need label masks. None are recorded for this run "
@@ -219,9 +247,9 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
     if run is None:
         empty_runs()
         return
-    with store.session() as s:  # the scores as a histogram and the reviewed ones: never the whole run
-        summary = score_summary(s, run.run_id, bins=40, quantiles=(0.95,))
-        reviewed = reviewed_scores(s, run.run_id)
+    data = run_data(store.url, run.run_id, run.version)  # histogram and reviewed scores, never the whole run
+    summary, reviewed = data.summary, data.reviewed
+    with store.session() as s:
         run_row = get_run(s, run.run_id)
         model_id, settings_hash, out_dir = run_row.model_id, run_row.settings_hash, run_row.out_dir
         current = run_row.calibration
@@ -331,7 +359,7 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
         )
 
     st.subheader("Voxel threshold")
-    voxel = voxel_section(store, run.run_id, out_dir)
+    voxel = voxel_section(data, out_dir)
     if voxel is not None and ss.get(VOXEL_THRESHOLD) is None:
         ss[VOXEL_THRESHOLD] = float(voxel.best_threshold)
     st.columns([1, 2])[0].number_input(

@@ -31,7 +31,7 @@ RESULT_INDEXES: tuple[tuple[str, ...], ...] = (
     ("run_id", "verdict", "score"),
     ("run_id", "reviewer", "score"),
 )
-RUN_COUNTS = ("n_flagged", "n_reviewed", "n_findings", "n_reviews", "n_timed")
+RUN_COUNTS = ("n_flagged", "n_reviewed", "n_findings", "n_reviews", "n_timed", "version")
 
 BACKFILL = (
     "UPDATE results SET scan_name = (SELECT scans.name FROM scans WHERE scans.id = results.scan_id)",

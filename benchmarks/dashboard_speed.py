@@ -5,8 +5,9 @@ scored scans, inserted in bulk (executemany batches through ``anomaly.store.bulk
 result points at one of a pool of small NIfTI volumes (input, map, reconstruction, mask), a third have a
 finding, a quarter a review, every 50th failed; plus a few full-size 182x218x182 brains with files of
 their own. Then drives the real app script with ``streamlit.testing.v1.AppTest`` in a fresh process and
-prints each interaction's median and worst wall time (server-side work; the browser adds drawing time)
-and that process's peak resident memory (the server's, as ``streamlit run`` would hold it).
+prints each interaction's median and worst wall time (server-side work; the browser adds drawing time),
+the same for the CPU time the process spent (less disturbed by other jobs on the machine), and that
+process's peak resident memory (the server's, as ``streamlit run`` would hold it).
 
 PostgreSQL: ``--pg-url URL`` (a database it may fill; or ``$ANOMALY_TEST_PG_URL``); without one it
 starts a throwaway server with ``scripts/start_test_postgres.sh`` and stops it afterwards.
@@ -139,9 +140,12 @@ def peak_rss_mb() -> float:
 
 
 def timed(label: str, times: dict[str, list[float]], action: Callable[[], object]) -> None:
-    start = time.perf_counter()
+    """Run ``action`` and record its wall time, and (under ``cpu:``) the CPU time of this process meanwhile,
+    which other jobs on the machine disturb less."""
+    start, cpu = time.perf_counter(), time.process_time()
     at = action()
     times.setdefault(label, []).append(time.perf_counter() - start)
+    times.setdefault("cpu:" + label, []).append(time.process_time() - cpu)
     exceptions = getattr(at, "exception", None)
     if exceptions:
         raise SystemExit(f"{label}: the app raised {[e.value for e in exceptions]}")
@@ -243,13 +247,16 @@ def postgres(url: str | None) -> Iterator[str]:
 
 def report(args: argparse.Namespace, result: dict[str, Any], fill_s: float) -> dict[str, Any]:
     times: dict[str, list[float]] = result["times"]
-    rows = {label: {"n": len(v), "median_ms": 1000 * statistics.median(v), "worst_ms": 1000 * max(v)}
-            for label, v in times.items()}
+    rows = {label: {"n": len(v), "median_ms": 1000 * statistics.median(v), "worst_ms": 1000 * max(v),
+                    "cpu_median_ms": 1000 * statistics.median(times["cpu:" + label]),
+                    "cpu_worst_ms": 1000 * max(times["cpu:" + label])}
+            for label, v in times.items() if not label.startswith("cpu:")}
     print(f"\n{args.n} scans ({args.backend}), filled in {fill_s:.0f} s; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
-    print(f"{'interaction':44s} {'n':>3s} {'median ms':>10s} {'worst ms':>9s}")
+    print(f"{'interaction':44s} {'n':>3s} {'median ms':>10s} {'worst ms':>9s} {'CPU median':>11s} {'CPU worst':>10s}")
     for label, row in rows.items():
-        print(f"{label:44s} {row['n']:3d} {row['median_ms']:10.0f} {row['worst_ms']:9.0f}")
+        print(f"{label:44s} {row['n']:3d} {row['median_ms']:10.0f} {row['worst_ms']:9.0f} "
+              f"{row['cpu_median_ms']:11.0f} {row['cpu_worst_ms']:10.0f}")
     print(f"peak memory of the server process: {result['peak_rss_mb']:.0f} MB")
     return {"n": args.n, "backend": args.backend, "fill_s": fill_s, "peak_rss_mb": result["peak_rss_mb"],
             "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "interactions": rows}

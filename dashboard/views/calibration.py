@@ -15,7 +15,6 @@ import streamlit as st
 
 from anomaly.outputs import sibling
 from anomaly.store import (
-    ReviewedScores,
     RunSummary,
     ScoreSummary,
     Store,
@@ -31,6 +30,7 @@ from dashboard import state
 from dashboard.curves import (
     NEGATIVE_VERDICTS,
     POSITIVE_VERDICTS,
+    ScanLabels,
     VoxelCurves,
     labels_of_verdicts,
     operating_point,
@@ -111,7 +111,9 @@ class RunData:
     """What the page reads of a run: the score histogram, the reviewed scores and the labelled results."""
 
     summary: ScoreSummary | None
-    reviewed: ReviewedScores
+    labels: ScanLabels
+    curves: dict[str, Any] | None
+    """Scan ROC/PR from the verdicts (thinned for drawing), when there are scans of both kinds."""
     labelled: list[Labelled]
     more_labelled: bool
 
@@ -127,7 +129,8 @@ def run_data(url: str, run_id: int, version: int) -> RunData:
         found, more = labelled_results(s, run_id, LABEL_KEY, MAX_LABELLED)
         labelled = [Labelled(r.id, r.input_path, r.map_path, dict(r.details)) for r in found
                     if isinstance(r.details, dict) and r.details.get(LABEL_KEY)]
-    return RunData(summary, reviewed, labelled, more)
+    labels = labels_of_verdicts(reviewed.scores, reviewed.verdicts, reviewed.n_unreviewed)
+    return RunData(summary, labels, scan_curves(labels) if labels.usable else None, labelled, more)
 
 
 @st.cache_data(max_entries=8, show_spinner="Pooling labelled voxels…")
@@ -248,7 +251,7 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
         empty_runs()
         return
     data = run_data(store.url, run.run_id, run.version)  # histogram and reviewed scores, never the whole run
-    summary, reviewed = data.summary, data.reviewed
+    summary, labels = data.summary, data.labels
     with store.session() as s:
         run_row = get_run(s, run.run_id)
         model_id, settings_hash, out_dir = run_row.model_id, run_row.settings_hash, run_row.out_dir
@@ -303,7 +306,6 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
         help="A scan is flagged when its score is at or above this value.",
     )
     threshold = float(ss[SCAN_THRESHOLD])
-    labels = labels_of_verdicts(reviewed.scores, reviewed.verdicts, reviewed.n_unreviewed)
     c1, c2 = st.columns([2, 1])
     c1.altair_chart(histogram(summary, threshold), width="stretch")
     n_flag = flagged_at(store, run.run_id, threshold)
@@ -323,8 +325,8 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
         f"other verdicts and unreviewed scans are left out ({labels.n_excluded} with another verdict, "
         f"{labels.n_unreviewed} unreviewed)."
     )
-    if labels.usable:
-        curves = scan_curves(labels)
+    curves = data.curves
+    if curves is not None:
         point = operating_point(labels.scores, labels.labels, threshold)
         metrics.update(scan_auroc_reviewed=curves["auroc"], scan_auprc_reviewed=curves["auprc"])
         r1, r2 = st.columns(2)

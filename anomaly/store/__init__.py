@@ -2,11 +2,11 @@
 command line and the dashboard; it owns all SQL. One module per job: ``engine`` (opening, migrations),
 ``dialect`` (what differs between SQLite and PostgreSQL), ``writes`` (scoring side), ``listings``
 and ``ordering`` (runs, pages of results, neighbours, score summaries), ``reviews``, ``calibrations``,
-``tables`` (CSV export) and ``sources`` (DICOM identity of scans).
+``tables`` (CSV export, streamed), ``bulk`` (many rows at once) and ``sources`` (DICOM identity of scans).
 
     store = open_store("results/anomaly.db")   # or a URL; ANOMALY_DB / ./anomaly.db by default
     with store.session() as s:
-        rows = run_results(s, run_id, verdict="unreviewed")
+        page = result_page(s, run_id, verdict="unreviewed", size=50)   # page.next_start: the next page
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ if __package__ in (None, ""):  # run as a script from a source tree: make the pa
 
 import streamlit as st  # noqa: E402
 
-from anomaly.store import Result, RunSummary, Store, list_runs, review_progress  # noqa: E402
+from anomaly.store import RunSummary, Store, list_runs, run_of_result  # noqa: E402
 from dashboard import state  # noqa: E402
 from dashboard.db import database_url, get_store  # noqa: E402
 from dashboard.text import plain  # noqa: E402
@@ -49,8 +49,7 @@ def align_run(store: Store) -> None:
     if result_id is None:
         return
     with store.session() as s:
-        result = s.get(Result, int(result_id))
-        run_id = None if result is None else result.run_id
+        run_id = run_of_result(s, int(result_id))
     if run_id is None:
         ss[state.RESULT] = None
     elif ss.get(state.RUN) != run_id:
@@ -81,9 +80,9 @@ def sidebar(store: Store, run_list: list[RunSummary]) -> None:
         st.text_input(
             "Reviewer", key=state.REVIEWER, placeholder="your name", help="Recorded with every verdict."
         )
-        if ss.get(state.RUN) is not None:
-            with store.session() as s:
-                done, total = review_progress(s, ss[state.RUN])
+        current = next((r for r in run_list if r.run_id == ss.get(state.RUN)), None)
+        if current is not None:  # the run's counts are kept on write: no result is read here
+            done, total = current.n_reviewed, current.n_ok
             st.progress(done / total if total else 0.0, text=f"Reviewed {done} of {total} scored scans")
         st.caption(f"Database: {plain(store.url)}")
 

@@ -71,6 +71,20 @@ def verdict_labels(rows: Iterable[Any]) -> ScanLabels:
     )
 
 
+def labels_of_verdicts(scores: Sequence[float], verdicts: Sequence[str], n_unreviewed: int) -> ScanLabels:
+    """Scan labels from the scores and current verdicts of reviewed scans (``n_unreviewed`` others)."""
+    rows = [_Reviewed(score, verdict) for score, verdict in zip(scores, verdicts, strict=True)]
+    labels = verdict_labels(rows)
+    return ScanLabels(labels.scores, labels.labels, labels.n_excluded, n_unreviewed)
+
+
+@dataclass(frozen=True)
+class _Reviewed:
+    score: float
+    verdict: str
+    status: str = "ok"
+
+
 def _thin(*arrays: np.ndarray, limit: int = MAX_POINTS) -> list[np.ndarray]:
     n = len(arrays[0])
     if n <= limit:

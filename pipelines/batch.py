@@ -34,9 +34,10 @@ from anomaly.store import (
     get_calibration,
     get_or_create_model,
     get_or_create_scan,
-    get_result,
     open_run,
     parse_calibration_ref,
+    scans_by_hash,
+    scored_states,
     upsert_result,
 )
 from anomaly.store.sources import set_scan_source
@@ -306,6 +307,10 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
     first_of: dict[str, str] = {}
     skipped = 0
     with store.session() as s:
+        # what is already recorded, read with set queries (not one query per file): a resumed batch of
+        # 100,000 scans decides what to skip in a few hundred statements
+        known = scans_by_hash(s, hashes)
+        states = scored_states(s, run_id, [scan.id for scan in known.values()])
         for item, preferred, digest in zip(items, stems, hashes, strict=True):
             task = ScanTask(path=item.path, stem=preferred, content_hash=digest, out_dir=out, series=item.series,
                             contrast=item.contrast, contrast_note=item.contrast_note, names=item.names,
@@ -318,17 +323,18 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
                 skipped += 1
                 continue
             first_of[digest] = where
-            scan = get_or_create_scan(s, digest, item.path, preferred)
+            scan = get_or_create_scan(s, digest, item.path, preferred, known=known.get(digest))
             set_scan_source(s, scan, task.source_facts)
+            done = states.get(scan.id)
             stem = claim_output_name(s, run_id, scan.id, out, stem_candidates(preferred, digest, run_id),
-                                     in_use=lambda stem: outputs_present(out, stem))
+                                     in_use=lambda stem: outputs_present(out, stem),
+                                     held=None if done is None else done.stem)
             task = dataclasses.replace(task, stem=stem)
-            done = get_result(s, run_id, scan.id)
             if (done is not None and done.status == "ok" and done.map_path
                     and Path(done.map_path) == output_path(out, stem, "anomaly") and Path(done.map_path).is_file()):
                 rows.append(_row(task, "skipped", run_id, applied, score=done.score, map_path=done.map_path,
                                  flagged=done.flagged, mask_path=done.mask_path, recon_path=done.recon_path,
-                                 n_findings=len(done.findings)))
+                                 n_findings=done.n_findings))
                 skipped += 1
                 continue
             tasks.append(task)
@@ -383,10 +389,13 @@ def _row(task: ScanTask, status: str, run_id: int, calibration: Calibration | No
 
 def write_csv(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]],
               columns: Sequence[str] | None = None) -> Path:
-    """Write rows as CSV atomically (temporary file, then rename)."""
-    rows = list(rows)
+    """Write rows as CSV atomically (temporary file, then rename); with ``columns`` given, rows are
+    written as they come (an iterator is never held in memory)."""
+    if columns is None:
+        listed = list(rows)
+        columns, rows = (list(listed[0]) if listed else CSV_COLUMNS), listed
     path = Path(path).expanduser()
-    cols = list(columns or (rows[0].keys() if rows else CSV_COLUMNS))
+    cols = list(columns)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()

@@ -15,13 +15,12 @@ import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
 from tqdm import tqdm
 
 from anomaly.calibration import Calibration
@@ -29,8 +28,13 @@ from anomaly.jsonio import write_json
 from anomaly.metrics import LesionStats, RankedScores, lesion_detection, scan_auroc
 from anomaly.mood import MoodItem, export_mood
 from anomaly.outputs import sibling
-from anomaly.records import ResultDetails
-from anomaly.store import Run, Store, get_run, run_results
+from anomaly.store import (
+    Store,
+    get_run,
+    latest_run_id,
+    merge_result_details,
+    run_results,
+)
 from anomaly.volume import load_mask, load_volume, scan_name
 from pipelines.batch import BatchError, resolve_calibration, write_csv
 from pipelines.calibrate import find_label, label_index, map_grid
@@ -92,7 +96,7 @@ def resolve_run(store: Store, run_id: int | None, calibration: str | None = None
     to apply (``calibration``, checked as ``score`` checks it, or the run's own)."""
     with store.session() as s:
         if run_id is None:
-            run_id = s.execute(select(func.max(Run.id))).scalar_one()
+            run_id = latest_run_id(s)
             if run_id is None:
                 raise EvaluateError(f"{store.url} holds no runs; score scans with `anomaly score` first")
         run = get_run(s, run_id)
@@ -325,20 +329,10 @@ def evaluate_run(store: Store, run_id: int | None, labels_dir: str | os.PathLike
 
 
 def record_label_paths(store: Store, run_id: int, labels: dict[str, Path]) -> int:
-    """Remember each result's label mask (``ResultDetails.label_path``) so the dashboard can draw voxel curves."""
-    from sqlalchemy import select
-
-    from anomaly.store.schema import Result
-
-    updated = 0
+    """Remember each result's label mask (``details["label_path"]``) so the dashboard can draw voxel curves."""
     with store.session() as s:
-        for result in s.scalars(select(Result).where(Result.run_id == run_id)):
-            label = labels.get(result.input_path)
-            if label is not None:
-                details = ResultDetails.from_dict(result.details)
-                result.details = replace(details, label_path=str(Path(label).resolve())).to_dict()
-                updated += 1
-    return updated
+        return merge_result_details(s, run_id, {path: {"label_path": str(Path(label).resolve())}
+                                                for path, label in labels.items()})
 
 
 def _mean(values: Iterable[Any]) -> float | None:

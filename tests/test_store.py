@@ -582,7 +582,9 @@ def test_thousand_results_listed_in_one_statement(store: Store) -> None:
             ],  # fmt: skip
         )
         s.execute(insert(Finding), [{"result_id": rid, **_finding_columns()} for rid in result_ids[::3]])
+        st.refresh_run(s, run)  # rows inserted in bulk, past the write API: rebuild the listing copies and counts
         run_id = run.id
+        assert (run.n_scored, run.n_reviewed, run.n_findings, run.n_reviews) == (n, n // 2, n // 3, n // 2)
 
     statements: list[str] = []
     listener = lambda *args: statements.append(args[2])  # noqa: E731
@@ -765,3 +767,74 @@ def test_concurrent_calibrations_of_one_name_get_distinct_versions(db_path: Path
     assert sorted(c.data["by"] for c in saved) == ["a"] * 8 + ["b"] * 8
     for store in stores:
         store.close()
+
+
+def test_migration_0004_fills_listing_copies_and_run_counts(tmp_path: Path) -> None:
+    """A database written before 0004_scale gets its results' copies (scan name, findings, latest review)
+    and its runs' counts from the rows already there, with set statements."""
+    from anomaly.store import alembic_config, create_store_engine, normalize_db_url
+
+    url = normalize_db_url(tmp_path / "old.db")
+    engine = create_store_engine(url)
+    with engine.begin() as conn:
+        from alembic import command
+
+        command.upgrade(alembic_config(connection=conn), "0003_dicom")
+        now = "2026-11-01 10:00:00.000000"
+        conn.execute(text("INSERT INTO models (id, name, weights_hash, config, created_at) "
+                          "VALUES (1, 'm', 'w', '{}', :t)"), {"t": now})
+        conn.execute(text("INSERT INTO runs (id, model_id, settings, settings_hash, out_dir, started_at, n_scored, "
+                          "n_failed, n_skipped, executor) VALUES (1, 1, '{}', 's', '/o', :t, 0, 0, 0, 'local')"),
+                     {"t": now})
+        for i, (status, score, flagged, timing) in enumerate(
+                [("ok", 0.9, 1, 2.0), ("ok", 0.1, 0, 4.0), ("failed", None, None, None)], start=1):
+            conn.execute(text("INSERT INTO scans (id, content_hash, path, name, created_at) "
+                              "VALUES (:i, :h, '/p', :n, :t)"), {"i": i, "h": sha(str(i)), "n": f"scan{i}", "t": now})
+            conn.execute(text("INSERT INTO results (id, run_id, scan_id, input_path, status, score, flagged, "
+                              "timing_s, details, created_at, updated_at) VALUES (:i, 1, :i, '/p', :s, :sc, :f, :tm, "
+                              "'{}', :t, :t)"), {"i": i, "s": status, "sc": score, "f": flagged, "tm": timing, "t": now})
+        conn.execute(text("INSERT INTO findings (result_id, rank, n_voxels, volume_ml, centroid_x, centroid_y, "
+                          "centroid_z, peak_x, peak_y, peak_z, peak, mean) VALUES (1, 1, 5, 0.1, 0, 0, 0, 0, 0, 0, 1, 1)"))
+        for rid, who, verdict, at in ((1, "ann", "unsure", "2026-11-02 10:00:00.000000"),
+                                      (1, "bob", "normal", "2026-11-03 10:00:00.000000"),
+                                      (3, "ann", "artefact", "2026-11-02 10:00:00.000000")):
+            conn.execute(text("INSERT INTO reviews (result_id, reviewer, verdict, note, created_at) "
+                              "VALUES (:r, :w, :v, 'n', :t)"), {"r": rid, "w": who, "v": verdict, "t": at})
+    engine.dispose()
+    store = open_store(url)  # migrates to the newest revision
+    try:
+        with store.session() as s:
+            summary = st.list_runs(s)[0]
+            rows = {r.scan_name: r for r in run_results(s, 1)}
+            assert st.review_progress(s, 1) == (1, 2)
+            assert [r.scan_name for r in st.result_page(s, 1, verdict="unreviewed").rows] == ["scan2"]
+            assert st.reviewers(s, 1) == ["ann", "bob"]
+    finally:
+        store.close()
+    assert (summary.n_results, summary.n_ok, summary.n_failed, summary.n_flagged) == (3, 2, 1, 1)
+    assert (summary.n_reviewed, summary.n_reviews, summary.n_findings) == (1, 3, 1)
+    assert summary.mean_timing_s == pytest.approx(3.0)
+    assert (rows["scan1"].verdict, rows["scan1"].reviewer, rows["scan1"].n_findings) == ("normal", "bob", 1)
+    assert rows["scan3"].verdict == "artefact" and rows["scan2"].verdict is None
+
+
+def test_keyset_pages_walk_every_order_like_one_statement(store: Store, populated: dict[str, int]) -> None:
+    """Pages of two (keyset) and neighbours give the same sequence as the one-statement listing."""
+    run_id = populated["run"]
+    with store.session() as s:
+        add_review(s, populated["delta"], "ann", "normal")
+        for order in st.ORDERS:
+            for filters in ({}, {"status": "ok"}, {"verdict": "unreviewed"}, {"flagged": False}):
+                expected = [r.result_id for r in run_results(s, run_id, order=order, **filters)]
+                walked, start = [], None
+                while True:
+                    page = st.result_page(s, run_id, order=order, start=start, size=2, **filters)
+                    walked += [r.result_id for r in page.rows]
+                    if page.next_start is None:
+                        break
+                    start = page.next_start
+                assert walked == expected, (order, filters)
+                for i, rid in enumerate(expected):
+                    prev_id = expected[i - 1] if i else None
+                    next_id = expected[i + 1] if i + 1 < len(expected) else None
+                    assert st.neighbours(s, run_id, rid, order, **filters) == (prev_id, next_id), (order, filters, i)

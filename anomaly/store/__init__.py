@@ -1,13 +1,24 @@
 """Result store: SQLAlchemy 2 ORM, packaged Alembic migrations and the query API used by the
-command line and the dashboard.
+command line and the dashboard; it owns all SQL. One module per job: ``engine`` (opening, migrations),
+``dialect`` (what differs between SQLite and PostgreSQL), ``writes`` (scoring side), ``listings``
+and ``ordering`` (runs, pages of results, neighbours, score summaries), ``reviews``, ``calibrations``,
+``tables`` (CSV export, streamed), ``bulk`` (many rows at once) and ``sources`` (DICOM identity of scans).
 
     store = open_store("results/anomaly.db")   # or a URL; ANOMALY_DB / ./anomaly.db by default
     with store.session() as s:
-        rows = run_results(s, run_id, verdict="unreviewed")
+        page = result_page(s, run_id, verdict="unreviewed", size=50)   # page.next_start: the next page
 """
 
 from __future__ import annotations
 
+from anomaly.jsonio import to_jsonable
+from anomaly.store.calibrations import (
+    get_calibration,
+    list_calibrations,
+    parse_calibration_ref,
+    save_calibration,
+)
+from anomaly.store.dialect import NotFoundError
 from anomaly.store.engine import (
     ENV_VAR,
     MIGRATIONS_DIR,
@@ -23,36 +34,27 @@ from anomaly.store.engine import (
     open_store,
     upgrade_schema,
 )
-from anomaly.store.queries import (
-    FINDING_FIELDS,
-    ORDERS,
-    UNREVIEWED,
-    NotFoundError,
+from anomaly.store.listings import (
     ResultDetail,
+    ResultPage,
     ResultRow,
     RunSummary,
-    add_review,
-    claim_output_name,
-    claimed_stem,
+    ScoreSummary,
+    count_at_least,
     count_results,
-    finish_run,
-    get_calibration,
-    get_or_create_model,
-    get_or_create_scan,
-    get_result,
     get_result_detail,
-    get_run,
-    list_calibrations,
+    iter_results,
+    labelled_results,
     list_runs,
     neighbours,
-    open_run,
-    parse_calibration_ref,
-    review_progress,
+    position_of,
+    result_page,
+    run_of_result,
     run_results,
-    save_calibration,
-    to_jsonable,
-    upsert_result,
+    score_summary,
 )
+from anomaly.store.ordering import ORDERS, UNREVIEWED, Position
+from anomaly.store.reviews import ReviewedScores, add_review, review_progress, reviewed_scores, reviewers
 from anomaly.store.schema import (
     CALIBRATION_METHODS,
     RESULT_STATUSES,
@@ -73,8 +75,29 @@ from anomaly.store.tables import (
     RESULT_COLUMNS,
     REVIEW_COLUMNS,
     findings_table,
+    iter_findings_table,
+    iter_results_table,
+    iter_reviews_table,
     results_table,
     reviews_table,
+)
+from anomaly.store.writes import (
+    FINDING_FIELDS,
+    ScoredState,
+    claim_output_name,
+    claimed_stem,
+    finish_run,
+    get_or_create_model,
+    get_or_create_scan,
+    get_result,
+    get_run,
+    latest_run_id,
+    merge_result_details,
+    open_run,
+    refresh_run,
+    scans_by_hash,
+    scored_states,
+    upsert_result,
 )
 
 __all__ = [
@@ -95,24 +118,30 @@ __all__ = [
     "Model",
     "NotFoundError",
     "OutputName",
+    "Position",
     "Result",
     "ResultDetail",
+    "ResultPage",
     "ResultRow",
     "Review",
+    "ReviewedScores",
     "Run",
     "RunSummary",
     "Scan",
+    "ScoreSummary",
+    "ScoredState",
     "Store",
     "StoreError",
     "add_review",
     "alembic_config",
     "claim_output_name",
     "claimed_stem",
+    "count_at_least",
     "count_results",
     "create_store_engine",
     "current_revision",
-    "describe_db_error",
     "default_db_url",
+    "describe_db_error",
     "findings_table",
     "finish_run",
     "get_calibration",
@@ -122,18 +151,34 @@ __all__ = [
     "get_result_detail",
     "get_run",
     "head_revision",
+    "iter_findings_table",
+    "iter_results",
+    "iter_results_table",
+    "iter_reviews_table",
+    "labelled_results",
+    "latest_run_id",
     "list_calibrations",
     "list_runs",
+    "merge_result_details",
     "neighbours",
     "normalize_db_url",
     "open_run",
     "open_store",
     "parse_calibration_ref",
+    "position_of",
+    "refresh_run",
+    "result_page",
     "results_table",
     "review_progress",
+    "reviewed_scores",
+    "reviewers",
     "reviews_table",
+    "run_of_result",
     "run_results",
     "save_calibration",
+    "scans_by_hash",
+    "score_summary",
+    "scored_states",
     "to_jsonable",
     "upgrade_schema",
     "upsert_result",

@@ -177,6 +177,16 @@ class Run(Base):
     n_failed: Mapped[int] = mapped_column(Integer, default=0)
     n_skipped: Mapped[int] = mapped_column(Integer, default=0)
     executor: Mapped[str] = mapped_column(String(32), default="local")
+    # counts kept up to date on every write (migration 0004_scale), so that no page counts a whole run;
+    # n_scored and n_failed are the ok and failed results, n_reviewed the ok results with a verdict
+    n_flagged: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    n_reviewed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    n_findings: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    n_reviews: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    n_timed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    timing_total_s: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Bumped by every write to the run's results or reviews: what caches of the run are keyed by."""
 
     model: Mapped[Model] = relationship(back_populates="runs")
     calibration: Mapped[Calibration | None] = relationship()
@@ -193,6 +203,15 @@ class Result(Base):
     __table_args__ = (
         UniqueConstraint("run_id", "scan_id"),
         Index(None, "run_id", "score"),
+        # one index per order and per filter the worklist offers (migration 0004_scale)
+        Index(None, "run_id", "id"),
+        Index(None, "run_id", "scan_name", "id"),
+        Index(None, "run_id", "updated_at", "id"),
+        Index(None, "run_id", "timing_s", "id"),
+        Index(None, "run_id", "status", "score"),
+        Index(None, "run_id", "flagged", "score"),
+        Index(None, "run_id", "verdict", "score"),
+        Index(None, "run_id", "reviewer", "score"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -210,6 +229,14 @@ class Result(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # copies kept up to date on write (migration 0004_scale), so that listings filter and sort on
+    # indexed columns of this table alone: the scan's name, the number of findings and the latest review
+    scan_name: Mapped[str | None] = mapped_column(String(255))
+    n_findings: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    verdict: Mapped[str | None] = mapped_column(String(32))
+    reviewer: Mapped[str | None] = mapped_column(String(255))
+    reviewed_at: Mapped[datetime | None] = mapped_column()
+    review_id: Mapped[int | None] = mapped_column(Integer)
 
     run: Mapped[Run] = relationship(back_populates="results")
     scan: Mapped[Scan] = relationship(back_populates="results")

@@ -1,14 +1,18 @@
-"""Flat tables of results, findings and reviews for CSV export (plain dicts, stable column order)."""
+"""Flat tables of results, findings and reviews for CSV export (plain dicts, stable column order).
+
+``iter_*`` stream the rows in batches (memory stays bounded at any size, on PostgreSQL through a
+server-side cursor); ``*_table`` return lists (``limit`` rows at most when given).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, String, and_, cast, func, select
+from sqlalchemy import Integer, Select, String, cast, select
 from sqlalchemy.orm import Session
 
-from anomaly.store.queries import finding_count_subquery, latest_review_subquery
 from anomaly.store.schema import Calibration, Finding, Model, Result, Review, Run, Scan
 
 RESULT_COLUMNS: tuple[str, ...] = (
@@ -31,110 +35,105 @@ REVIEW_COLUMNS: tuple[str, ...] = (
 )  # fmt: skip
 """Columns of ``reviews_table`` (every review, oldest first per result)."""
 
+BATCH = 1000
+"""Rows fetched at a time while streaming."""
+
 
 def _plain(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
 
 
-def _rows(s: Session, stmt: Select, columns: tuple[str, ...]) -> list[dict[str, Any]]:
-    return [dict(zip(columns, map(_plain, row), strict=True)) for row in s.execute(stmt)]
+def _stream(s: Session, stmt: Select, columns: tuple[str, ...], limit: int | None) -> Iterator[dict[str, Any]]:
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    labelled = stmt.execution_options(yield_per=BATCH)
+    for row in s.execute(labelled):
+        values = row._mapping
+        yield {name: _plain(values[name]) for name in columns}
 
 
-def _calibration_ref() -> Any:
-    return Calibration.name + "@" + cast(Calibration.version, String)
-
-
-def results_table(s: Session, run_id: int | None = None) -> list[dict[str, Any]]:
-    """One row per result (of one run or all), in ``RESULT_COLUMNS`` order."""
-    latest, counts = latest_review_subquery(run_id), finding_count_subquery(run_id)
+def _results_select(run_id: int | None) -> Select:
     stmt = (
         select(
-            Result.input_path,
-            Scan.content_hash,
-            Result.status,
-            Result.score,
-            Result.map_path,
-            Result.error,
-            Result.flagged,
-            Result.mask_path,
-            Result.recon_path,
-            Result.timing_s,
-            func.coalesce(counts.c.n_findings, 0),
-            latest.c.verdict,
-            latest.c.reviewer,
-            Scan.name,
-            _calibration_ref(),
-            Model.name,
-            Result.run_id,
-            Result.id,
-            Result.updated_at,
+            Result.input_path.label("path"), Scan.content_hash.label("scan_id"), Result.status.label("status"),
+            Result.score.label("score"), Result.map_path.label("map_path"), Result.error.label("error"),
+            Result.flagged.label("flagged"), Result.mask_path.label("mask_path"),
+            Result.recon_path.label("recon_path"), Result.timing_s.label("timing_s"),
+            cast(Result.n_findings, Integer).label("n_findings"), Result.verdict.label("verdict"),
+            Result.reviewer.label("reviewer"), Scan.name.label("name"),
+            (Calibration.name + "@" + cast(Calibration.version, String)).label("calibration"),
+            Model.name.label("model"), Result.run_id.label("run_id"), Result.id.label("result_id"),
+            Result.updated_at.label("updated_at"),
         )  # fmt: skip
         .join(Scan, Scan.id == Result.scan_id)
         .join(Run, Run.id == Result.run_id)
         .join(Model, Model.id == Run.model_id)
         .outerjoin(Calibration, Calibration.id == Run.calibration_id)
-        .outerjoin(latest, and_(latest.c.result_id == Result.id, latest.c.rn == 1))
-        .outerjoin(counts, counts.c.result_id == Result.id)
         .order_by(Result.run_id, Result.id)
     )
-    if run_id is not None:
-        stmt = stmt.where(Result.run_id == run_id)
-    return _rows(s, stmt, RESULT_COLUMNS)
+    return stmt if run_id is None else stmt.where(Result.run_id == run_id)
 
 
-def findings_table(s: Session, run_id: int | None = None) -> list[dict[str, Any]]:
-    """One row per finding (of one run or all), in ``FINDING_COLUMNS`` order."""
+def _findings_select(run_id: int | None) -> Select:
     stmt = (
         select(
-            Result.run_id,
-            Result.id,
-            Scan.content_hash,
-            Result.input_path,
-            Scan.name,
-            Finding.rank,
-            Finding.n_voxels,
-            Finding.volume_ml,
-            Finding.centroid_x,
-            Finding.centroid_y,
-            Finding.centroid_z,
-            Finding.peak_x,
-            Finding.peak_y,
-            Finding.peak_z,
-            Finding.peak,
-            Finding.mean,
-            Finding.region_centroid,
-            Finding.region_majority,
-            Finding.atlas,
-        )  # fmt: skip
+            Result.run_id.label("run_id"), Result.id.label("result_id"), Scan.content_hash.label("scan_id"),
+            Result.input_path.label("path"), Scan.name.label("name"),
+            *(getattr(Finding, name).label(name) for name in FINDING_COLUMNS[5:]),
+        )
         .join(Result, Result.id == Finding.result_id)
         .join(Scan, Scan.id == Result.scan_id)
         .order_by(Result.run_id, Result.id, Finding.rank)
     )
-    if run_id is not None:
-        stmt = stmt.where(Result.run_id == run_id)
-    return _rows(s, stmt, FINDING_COLUMNS)
+    return stmt if run_id is None else stmt.where(Result.run_id == run_id)
 
 
-def reviews_table(s: Session, run_id: int | None = None) -> list[dict[str, Any]]:
-    """One row per review (of one run or all), in ``REVIEW_COLUMNS`` order."""
+def _reviews_select(run_id: int | None, newest_first: bool = False) -> Select:
     stmt = (
         select(
-            Result.run_id,
-            Result.id,
-            Scan.content_hash,
-            Result.input_path,
-            Scan.name,
-            Result.score,
-            Result.flagged,
-            Review.reviewer,
-            Review.verdict,
-            Review.note,
-            Review.created_at,
+            Result.run_id.label("run_id"), Result.id.label("result_id"), Scan.content_hash.label("scan_id"),
+            Result.input_path.label("path"), Scan.name.label("name"), Result.score.label("score"),
+            Result.flagged.label("flagged"), Review.reviewer.label("reviewer"), Review.verdict.label("verdict"),
+            Review.note.label("note"), Review.created_at.label("created_at"),
         )  # fmt: skip
         .join(Result, Result.id == Review.result_id)
         .join(Scan, Scan.id == Result.scan_id)
-        .order_by(Result.run_id, Result.id, Review.created_at, Review.id)
+        .order_by(*((Review.id.desc(),) if newest_first else
+                    (Result.run_id, Result.id, Review.created_at, Review.id)))
     )
-    if run_id is not None:
-        stmt = stmt.where(Result.run_id == run_id)
-    return _rows(s, stmt, REVIEW_COLUMNS)
+    if run_id is None:
+        return stmt
+    # newest first walks the reviews back from the newest and checks each one's run (``+ 0`` keeps the
+    # planner from starting at the run's results instead, which would walk every result of the run)
+    return stmt.where((Result.run_id + 0 if newest_first else Result.run_id) == run_id)
+
+
+def iter_results_table(s: Session, run_id: int | None = None, limit: int | None = None) -> Iterator[dict[str, Any]]:
+    """One row per result (of one run or all), in ``RESULT_COLUMNS`` order, streamed."""
+    return _stream(s, _results_select(run_id), RESULT_COLUMNS, limit)
+
+
+def iter_findings_table(s: Session, run_id: int | None = None, limit: int | None = None) -> Iterator[dict[str, Any]]:
+    """One row per finding (of one run or all), in ``FINDING_COLUMNS`` order, streamed."""
+    return _stream(s, _findings_select(run_id), FINDING_COLUMNS, limit)
+
+
+def iter_reviews_table(s: Session, run_id: int | None = None, limit: int | None = None) -> Iterator[dict[str, Any]]:
+    """One row per review (of one run or all), in ``REVIEW_COLUMNS`` order, streamed; with ``limit``, the
+    newest reviews (walked from the newest review back, so a preview never walks a run's results)."""
+    return _stream(s, _reviews_select(run_id, newest_first=limit is not None), REVIEW_COLUMNS, limit)
+
+
+def results_table(s: Session, run_id: int | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    """One row per result (of one run or all), in ``RESULT_COLUMNS`` order."""
+    return list(iter_results_table(s, run_id, limit))
+
+
+def findings_table(s: Session, run_id: int | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    """One row per finding (of one run or all), in ``FINDING_COLUMNS`` order."""
+    return list(iter_findings_table(s, run_id, limit))
+
+
+def reviews_table(s: Session, run_id: int | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    """One row per review (of one run or all), in ``REVIEW_COLUMNS`` order."""
+    return list(iter_reviews_table(s, run_id, limit))

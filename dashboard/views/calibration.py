@@ -4,6 +4,7 @@ chosen thresholds as a named manual calibration."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,30 +12,34 @@ import altair as alt
 import numpy as np
 import pandas as pd
 import streamlit as st
-from sqlalchemy import select
 
-from anomaly.calibration import Calibration, at_or_above
+from anomaly.calibration import Calibration
 from anomaly.outputs import sibling
 from anomaly.records import CalibrationData, ResultDetails
 from anomaly.store import (
-    Result,
     RunSummary,
+    ScoreSummary,
     Store,
+    count_at_least,
     get_run,
+    labelled_results,
     list_calibrations,
-    run_results,
+    reviewed_scores,
     save_calibration,
+    score_summary,
 )
 from dashboard import state
 from dashboard.curves import (
     NEGATIVE_VERDICTS,
     POSITIVE_VERDICTS,
+    ScanLabels,
     VoxelCurves,
+    labels_of_verdicts,
     operating_point,
     scan_curves,
-    verdict_labels,
     voxel_curves,
 )
+from dashboard.db import get_store
 from dashboard.paths import UnsafePathError, result_file
 from dashboard.text import plain
 from dashboard.views.common import empty_runs, selected_run
@@ -49,15 +54,16 @@ MAX_LABELLED = 40
 """Labelled scans pooled for the voxel curves (the highest-scoring ones beyond this are left out)."""
 
 
-def histogram(scores: np.ndarray, threshold: float) -> alt.LayerChart:
-    """Histogram of scan scores with a red line at the threshold."""
-    data = pd.DataFrame({"score": scores})
+def histogram(summary: ScoreSummary, threshold: float) -> alt.LayerChart:
+    """Histogram of scan scores (binned in the database) with a red line at the threshold."""
+    data = pd.DataFrame({"start": summary.edges[:-1], "end": summary.edges[1:], "scans": summary.counts})
     bars = (
         alt.Chart(data)
         .mark_bar(opacity=0.8)
         .encode(
-            x=alt.X("score:Q", bin=alt.Bin(maxbins=40), title="scan score"),
-            y=alt.Y("count():Q", title="scans"),
+            x=alt.X("start:Q", title="scan score"),
+            x2="end:Q",
+            y=alt.Y("scans:Q", title="scans"),
         )
     )
     rule = (
@@ -92,17 +98,41 @@ def line_chart(
     return chart.properties(height=240)
 
 
-def labelled_results(store: Store, run_id: int) -> list[Result]:
-    """Scored results of the run with a label mask recorded in their details."""
+@dataclass(frozen=True)
+class Labelled:
+    """What the voxel curves need of a labelled result: its id, recorded files and details."""
+
+    id: int
+    input_path: str
+    map_path: str | None
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunData:
+    """What the page reads of a run: the score histogram, the reviewed scores and the labelled results."""
+
+    summary: ScoreSummary | None
+    labels: ScanLabels
+    curves: dict[str, Any] | None
+    """Scan ROC/PR from the verdicts (thinned for drawing), when there are scans of both kinds."""
+    labelled: list[Labelled]
+    more_labelled: bool
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def run_data(url: str, run_id: int, version: int) -> RunData:
+    """The run's data for this page, read once per version of the run (every write to its results or
+    reviews bumps it, so a saved verdict or a new score is seen at the next rerun)."""
+    store = get_store()
     with store.session() as s:
-        results = list(
-            s.scalars(
-                select(Result)
-                .where(Result.run_id == run_id, Result.status == "ok")
-                .order_by(Result.score.desc())
-            )
-        )
-    return [r for r in results if ResultDetails.from_dict(r.details).label_path]
+        summary = score_summary(s, run_id, bins=40, quantiles=(0.95,))
+        reviewed = reviewed_scores(s, run_id)
+        found, more = labelled_results(s, run_id, "label_path", MAX_LABELLED)  # ResultDetails.label_path
+        labelled = [Labelled(r.id, r.input_path, r.map_path, dict(r.details)) for r in found
+                    if ResultDetails.from_dict(r.details).label_path]
+    labels = labels_of_verdicts(reviewed.scores, reviewed.verdicts, reviewed.n_unreviewed)
+    return RunData(summary, labels, scan_curves(labels) if labels.usable else None, labelled, more)
 
 
 @st.cache_data(max_entries=8, show_spinner="Pooling labelled voxels…")
@@ -123,10 +153,10 @@ def _brain_beside(map_path: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def voxel_section(store: Store, run_id: int, out_dir: str) -> VoxelCurves | None:
+def voxel_section(data: RunData, out_dir: str) -> VoxelCurves | None:
     """Voxel-level curves from recorded label masks; explains what is missing when there are none."""
-    labelled = labelled_results(store, run_id)
-    if not labelled:
+    results, more = data.labelled, data.more_labelled
+    if not results:
         st.caption(
             "Voxel-level ROC/PR and Dice-versus-threshold need label masks. None are recorded for this run "
             "(a result's label path, recorded when scans are evaluated with labels); "
@@ -134,7 +164,7 @@ def voxel_section(store: Store, run_id: int, out_dir: str) -> VoxelCurves | None
         )
         return None
     sources, problems = [], []
-    for result in labelled[:MAX_LABELLED]:
+    for result in results:
         try:
             map_path, label_path = result_file(result, out_dir, "anomaly"), result_file(result, out_dir, "label")
         except UnsafePathError as exc:
@@ -159,14 +189,16 @@ def voxel_section(store: Store, run_id: int, out_dir: str) -> VoxelCurves | None
         return None
     st.caption(
         f"Pooled over {curves.n_scans} labelled scans ({curves.n_lesion_voxels} lesion voxels)"
-        + (
-            f"; the {len(labelled) - MAX_LABELLED} lowest-scoring labelled scans are left out"
-            if len(labelled) > MAX_LABELLED
-            else ""
-        )
+        + (f"; labelled scans beyond the {MAX_LABELLED} highest-scoring are left out" if more else "")
         + "."
     )
     return curves
+
+
+def flagged_at(store: Store, run_id: int, threshold: float) -> int:
+    """Scored scans of the run at or above ``threshold`` (counted in the database)."""
+    with store.session() as s:
+        return count_at_least(s, run_id, threshold)
 
 
 def _init(run_id: int, scan_default: float, voxel_default: float | None) -> None:
@@ -222,8 +254,9 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
     if run is None:
         empty_runs()
         return
+    data = run_data(store.url, run.run_id, run.version)  # histogram and reviewed scores, never the whole run
+    summary, labels = data.summary, data.labels
     with store.session() as s:
-        rows = run_results(s, run.run_id, status="ok", order="score_desc")
         run_row = get_run(s, run.run_id)
         model_id, settings_hash, out_dir = run_row.model_id, run_row.settings_hash, run_row.out_dir
         run_settings = dict(run_row.settings) if run_row.settings else None
@@ -240,17 +273,16 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
             }
             for c in calibrations
         ]
-    scores = np.asarray([r.score for r in rows if r.score is not None and np.isfinite(r.score)], dtype=float)
-    if scores.size == 0:
+    if summary is None:
         st.info(f"Run {run.run_id} has no scored scans yet; calibration needs scan scores.")
         return
-    low, high = float(scores.min()), float(scores.max())
+    low, high = summary.low, summary.high
     if high <= low:
         high = low + 1.0
     scan_default = (
         current.scan_threshold
         if current is not None and current.scan_threshold is not None
-        else float(np.percentile(scores, 95))
+        else summary.quantiles[0.95]
     )
     _init(
         run.run_id,
@@ -279,12 +311,11 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
         help="A scan is flagged when its score is at or above this value.",
     )
     threshold = float(ss[SCAN_THRESHOLD])
-    labels = verdict_labels(rows)
     c1, c2 = st.columns([2, 1])
-    c1.altair_chart(histogram(scores, threshold), width="stretch")
-    n_flag = int(at_or_above(scores, threshold).sum())
-    c2.metric("Flagged at this threshold", f"{n_flag} of {scores.size}")
-    metrics: dict[str, Any] = {"n_scans": int(scores.size), "n_flagged": n_flag}
+    c1.altair_chart(histogram(summary, threshold), width="stretch")
+    n_flag = flagged_at(store, run.run_id, threshold)
+    c2.metric("Flagged at this threshold", f"{n_flag} of {summary.n}")
+    metrics: dict[str, Any] = {"n_scans": summary.n, "n_flagged": n_flag}
     if labels.n_pos or labels.n_neg:
         point = operating_point(labels.scores, labels.labels, threshold)
         metrics["verdicts"] = {"n_abnormal": labels.n_pos, "n_normal": labels.n_neg, **point}
@@ -299,8 +330,8 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
         f"other verdicts and unreviewed scans are left out ({labels.n_excluded} with another verdict, "
         f"{labels.n_unreviewed} unreviewed)."
     )
-    if labels.usable:
-        curves = scan_curves(labels)
+    curves = data.curves
+    if curves is not None:
         point = operating_point(labels.scores, labels.labels, threshold)
         metrics.update(scan_auroc_reviewed=curves["auroc"], scan_auprc_reviewed=curves["auprc"])
         r1, r2 = st.columns(2)
@@ -335,7 +366,7 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
         )
 
     st.subheader("Voxel threshold")
-    voxel = voxel_section(store, run.run_id, out_dir)
+    voxel = voxel_section(data, out_dir)
     if voxel is not None and ss.get(VOXEL_THRESHOLD) is None:
         ss[VOXEL_THRESHOLD] = float(voxel.best_threshold)
     st.columns([1, 2])[0].number_input(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any
 
@@ -16,9 +16,9 @@ from anomaly.store import (
     REVIEW_COLUMNS,
     RunSummary,
     Store,
-    findings_table,
-    results_table,
-    reviews_table,
+    iter_findings_table,
+    iter_results_table,
+    iter_reviews_table,
 )
 from dashboard import state
 from dashboard.views.common import empty_runs
@@ -27,7 +27,7 @@ SCOPE = "ex_scope"
 PREVIEW_ROWS = 20
 
 
-def to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+def to_csv(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> str:
     """CSV text with a header row in ``columns`` order (None as an empty cell)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
@@ -38,17 +38,24 @@ def to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 TABLES = {
-    "reviews": (reviews_table, REVIEW_COLUMNS),
-    "findings": (findings_table, FINDING_COLUMNS),
-    "results": (results_table, RESULT_COLUMNS),
+    "reviews": (iter_reviews_table, REVIEW_COLUMNS),
+    "findings": (iter_findings_table, FINDING_COLUMNS),
+    "results": (iter_results_table, RESULT_COLUMNS),
 }
 
 
 def csv_of(store: Store, name: str, run_id: int | None) -> str:
-    """The CSV text of one table, read from the database when the download is clicked."""
+    """The CSV text of one table, read from the database (streamed) when the download is clicked."""
     table, columns = TABLES[name]
     with store.session() as s:
         return to_csv(table(s, run_id), columns)
+
+
+def row_counts(run_list: list[RunSummary], run_id: int | None) -> dict[str, int]:
+    """Rows of each table for one run or all, from the counts kept on the runs (no row is read)."""
+    runs = [r for r in run_list if run_id is None or r.run_id == run_id]
+    return {"reviews": sum(r.n_reviews for r in runs), "findings": sum(r.n_findings for r in runs),
+            "results": sum(r.n_results for r in runs)}
 
 
 def render(store: Store, run_list: list[RunSummary]) -> None:
@@ -70,11 +77,12 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
     )
     scope = None if st.session_state[SCOPE] == "all runs" else run_id
     suffix = "all-runs" if scope is None else f"run{scope}"
-    with store.session() as s:
-        tables = {name: (table(s, scope), columns) for name, (table, columns) in TABLES.items()}
+    counts = row_counts(run_list, scope)
+    with store.session() as s:  # the preview reads only the rows it shows
+        tables = {name: (list(table(s, scope, PREVIEW_ROWS)), columns) for name, (table, columns) in TABLES.items()}
     columns = st.columns(3)
     for (name, (rows, _)), column in zip(tables.items(), columns, strict=True):
-        column.metric(name.capitalize(), len(rows))
+        column.metric(name.capitalize(), counts[name])
         column.download_button(
             f"{name}.csv",
             icon=":material/download:",
@@ -92,8 +100,9 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
     ):
         with tab:
             if rows:
-                shown = f"the first {PREVIEW_ROWS} of " if len(rows) > PREVIEW_ROWS else ""
-                st.caption(f"{shown}{len(rows)} {'row' if len(rows) == 1 else 'rows'}")
+                total = counts[name]
+                shown = f"the first {len(rows)} of " if total > len(rows) else ""
+                st.caption(f"{shown}{total} {'row' if total == 1 else 'rows'}")
                 st.dataframe(rows[:PREVIEW_ROWS], hide_index=True, width="stretch", column_order=list(cols))
             else:
                 st.caption(f"No {name} yet.")

@@ -6,7 +6,7 @@ from functools import partial
 
 import streamlit as st
 
-from anomaly.store import UNREVIEWED, RunSummary, Store, run_results
+from anomaly.store import UNREVIEWED, RunSummary, Store, result_page
 from dashboard import state
 from dashboard.views.common import duration, empty_runs, fmt_time, selected_run
 
@@ -74,7 +74,7 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
     c3.metric("Flagged", run.n_flagged)
     c4.metric("Reviewed", f"{run.n_reviewed} / {run.n_ok}")
     with store.session() as s:
-        first = run_results(s, run.run_id, status="ok", verdict=UNREVIEWED, order="score_desc", limit=1)
+        first = result_page(s, run.run_id, status="ok", verdict=UNREVIEWED, order="score_desc", size=1).rows
     b1, b2, _ = st.columns([1, 1, 2])
     b1.button(
         "Open worklist",

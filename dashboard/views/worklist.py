@@ -1,5 +1,6 @@
 """Worklist page: the scans of a run sorted by score, filtered by status, flag, verdict and reviewer,
-searchable by name; a click on a row (or the picker below) opens the scan in the viewer."""
+searchable by name, a page at a time (keyset pages: a page reads only its own rows, however large the
+run); a click on a row (or the picker below) opens the scan in the viewer."""
 
 from __future__ import annotations
 
@@ -7,46 +8,38 @@ from functools import partial
 from typing import Any
 
 import streamlit as st
-from sqlalchemy import select
 
 from anomaly.store import (
     UNREVIEWED,
     VERDICTS,
-    Result,
+    Position,
     ResultRow,
-    Review,
     RunSummary,
     Store,
     count_results,
-    run_results,
+    result_page,
+    reviewers,
 )
 from dashboard import state
 from dashboard.views.common import empty_runs, fmt_score, selected_run
 
-MAX_ROWS = 5000
-"""Rows drawn at once; narrow the filters to see beyond."""
+PAGE_SIZE = 50
+"""Rows per worklist page."""
+COUNT_LIMIT = 1000
+"""Filtered counts stop here ("more than 1000 match"): counting costs one index entry per match."""
+FAILED_SHOWN = 20
+"""Failed scans listed with their reasons below the table."""
 
 TABLE_NONCE = "_wl_table_nonce"
+PAGES = "_wl_pages"
+"""(what the pages are of, the start of each page walked so far): the way back for Previous page."""
 
 
-def reviewers(store: Store, run_id: int) -> list[str]:
-    """Names of everyone who reviewed a result of the run, sorted."""
-    stmt = (
-        select(Review.reviewer)
-        .join(Result, Result.id == Review.result_id)
-        .where(Result.run_id == run_id)
-        .distinct()
-        .order_by(Review.reviewer)
-    )
-    with store.session() as s:
-        return [name for (name,) in s.execute(stmt)]
-
-
-def table_rows(rows: list[ResultRow]) -> list[dict[str, Any]]:
-    """Rows for the worklist table, in the order given."""
+def table_rows(rows: list[ResultRow], offset: int = 0) -> list[dict[str, Any]]:
+    """Rows for the worklist table, in the order given (numbered from ``offset + 1``)."""
     return [
         {
-            "#": i + 1,
+            "#": offset + i + 1,
             "scan": r.scan_name,
             "score": r.score,
             "flagged": bool(r.flagged),
@@ -93,7 +86,8 @@ def _check_option(key: str, options: list[str]) -> None:
 def filter_bar(store: Store, run_id: int) -> None:
     """The filter widgets; their values live in session state (see :func:`dashboard.state.filters`)."""
     verdicts = [state.ALL, UNREVIEWED, *VERDICTS]
-    names = [state.ALL, *reviewers(store, run_id)]
+    with store.session() as s:
+        names = [state.ALL, *reviewers(s, run_id)]
     for key, options in (
         (state.STATUS, list(state.STATUS_OPTIONS)),
         (state.FLAG, list(state.FLAG_OPTIONS)),
@@ -114,8 +108,60 @@ def filter_bar(store: Store, run_id: int) -> None:
     c[6].button("Clear", on_click=_clear_filters, key="wl_clear", width="stretch")
 
 
+def _pages(signature: tuple[Any, ...]) -> list[Position | None]:
+    """Starts of the pages walked so far under these filters (a new list when they change)."""
+    ss = st.session_state
+    held = ss.get(PAGES)
+    if not held or held[0] != signature:
+        held = (signature, [None])
+        ss[PAGES] = held
+    return list(held[1])
+
+
+def _turn(signature: tuple[Any, ...], starts: list[Position | None]) -> None:
+    st.session_state[PAGES] = (signature, starts)
+
+
+def _count_caption(run: RunSummary, chosen: state.Filters, store: Store, page: int, shown: int) -> str:
+    if chosen.query() == state.Filters().query():
+        total = f"{run.n_results} scans of run {run.run_id}"
+    else:
+        with store.session() as s:
+            n = count_results(s, run.run_id, **chosen.query(), most=COUNT_LIMIT)
+        total = (f"more than {COUNT_LIMIT}" if n > COUNT_LIMIT else str(n)) + f" of {run.n_results} scans of run " \
+            f"{run.run_id} match"
+    first = (page - 1) * PAGE_SIZE + 1
+    return f"{total}; page {page}, rows {first}-{first + shown - 1}. Click a row to open it."
+
+
+def pager(signature: tuple[Any, ...], starts: list[Position | None], next_start: Position | None) -> None:
+    """Previous page / Next page buttons (each page starts where the last one ended)."""
+    c1, c2, _ = st.columns([1, 1, 4])
+    c1.button("Previous page", icon=":material/chevron_left:", key="wl_prev_page", disabled=len(starts) < 2,
+              on_click=_turn, args=(signature, starts[:-1]), width="stretch")
+    c2.button("Next page", icon=":material/chevron_right:", key="wl_next_page", disabled=next_start is None,
+              on_click=_turn, args=(signature, [*starts, next_start]), width="stretch")
+
+
+def failed_list(store: Store, run: RunSummary) -> None:
+    """The run's failed scans with their reasons (the first few; the status filter lists them all)."""
+    if not run.n_failed:
+        return
+    with store.session() as s:
+        # failed scans have no score: the status index then walks them in the order they were scored
+        failed = result_page(s, run.run_id, order="score_desc", status="failed", size=FAILED_SHOWN).rows
+    more = f", the first {FAILED_SHOWN} (filter by status to see all)" if run.n_failed > FAILED_SHOWN else ""
+    st.subheader(f"Failed scans ({run.n_failed}{more})")
+    st.dataframe(
+        [{"scan": r.scan_name, "input": r.input_path, "reason": r.error or "no reason recorded"} for r in failed],
+        hide_index=True,
+        width="stretch",
+        column_config={"reason": st.column_config.TextColumn("reason", width="large")},
+    )
+
+
 def render(store: Store, run_list: list[RunSummary]) -> None:
-    """Draw the filters, the table of scans and the failed scans with their reasons."""
+    """Draw the filters, one page of the table of scans and the failed scans with their reasons."""
     st.header("Worklist")
     run = selected_run(run_list)
     if run is None:
@@ -126,20 +172,20 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
         return
     filter_bar(store, run.run_id)
     chosen = state.filters()
+    signature = (run.run_id, chosen)
+    starts = _pages(signature)
     with store.session() as s:
-        total = count_results(s, run.run_id, **chosen.query())
-        rows = run_results(s, run.run_id, **chosen.query(), order=chosen.order, limit=MAX_ROWS)
-    st.caption(
-        f"{total} of {run.n_results} scans of run {run.run_id} match"
-        + (f"; showing the first {MAX_ROWS}" if total > MAX_ROWS else "")
-        + ". Click a row to open it."
-    )
+        page = result_page(s, run.run_id, **chosen.query(), order=chosen.order, start=starts[-1], size=PAGE_SIZE)
+    rows = page.rows
     if not rows:
         st.info("No scan matches these filters.")
+        failed_list(store, run)
         return
+    st.caption(_count_caption(run, chosen, store, len(starts), len(rows)))
     table_key = f"wl_table_{st.session_state.get(TABLE_NONCE, 0)}"
+    offset = (len(starts) - 1) * PAGE_SIZE
     st.dataframe(
-        table_rows(rows),
+        table_rows(rows, offset),
         hide_index=True,
         width="stretch",
         height=min(38 + 35 * len(rows), 560),
@@ -154,6 +200,8 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
             "reason": st.column_config.TextColumn("failure reason", width="large"),
         },
     )
+    if len(starts) > 1 or page.next_start is not None:
+        pager(signature, starts, page.next_start)
 
     labels = {
         r.result_id: f"{r.scan_name} · score {fmt_score(r.score)}" + (f" · {r.verdict}" if r.verdict else "")
@@ -171,16 +219,4 @@ def render(store: Store, run_list: list[RunSummary]) -> None:
         on_click=_open_picked,
         width="stretch",
     )
-
-    failed = [r for r in rows if r.status == "failed"]
-    if failed:
-        st.subheader(f"Failed scans ({len(failed)})")
-        st.dataframe(
-            [
-                {"scan": r.scan_name, "input": r.input_path, "reason": r.error or "no reason recorded"}
-                for r in failed
-            ],
-            hide_index=True,
-            width="stretch",
-            column_config={"reason": st.column_config.TextColumn("reason", width="large")},
-        )
+    failed_list(store, run)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from pipelines.commands.common import add_db_option, new_parser, store_from
 
@@ -24,12 +26,21 @@ def run(args: argparse.Namespace) -> int:
     from anomaly import store as st
     from pipelines.batch import write_csv
 
+    columns = {"results": st.RESULT_COLUMNS, "findings": st.FINDING_COLUMNS, "reviews": st.REVIEW_COLUMNS}
+    table = {"results": st.iter_results_table, "findings": st.iter_findings_table,
+             "reviews": st.iter_reviews_table}[args.table]
     store = store_from(args)
+    counted = [0]
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for row in table(s, args.run):  # streamed in batches: memory stays bounded at any size
+            counted[0] += 1
+            yield row
+
     try:
         with store.session() as s:
-            rows = getattr(st, f"{args.table}_table")(s, args.run)
+            path = write_csv(Path(args.csv), rows(), columns[args.table])
     finally:
         store.close()
-    path = write_csv(Path(args.csv), rows)
-    print(f"{len(rows)} {args.table} rows written to {path}")
+    print(f"{counted[0]} {args.table} rows written to {path}")
     return 0

@@ -8,14 +8,10 @@ networks, so the mask comes back on exactly the input's voxels. A mask that is n
 
 from __future__ import annotations
 
-import base64
 import functools
-import hashlib
-import importlib.metadata
 import os
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +29,6 @@ MAX_BRAIN_ML = 2400.0
 MIN_EXTENT_MM = 70.0
 MAX_EXTENT_MM = 230.0
 HEAD_PROBE_MM = 2.0
-_WEIGHT_FILES = ("model.pt", "bbox_model.pt")
 _LOCK = threading.Lock()
 """deepbet keeps the last bounding box on its object between its two steps: one scan at a time."""
 _INSTALL_HINT = ("install it with `pip install --no-deps deepbet==1.0.2` and `pip install connected-components-3d "
@@ -94,52 +89,28 @@ def _extent_mm(mask: np.ndarray, affine: np.ndarray) -> tuple[float, float, floa
     return tuple(float(v) for v in world.max(axis=0) - world.min(axis=0) + spacing.min())  # type: ignore[return-value]
 
 
-KNOWN_WEIGHTS = {
-    "model.pt": "de8ee7c69654d0dd3935dc4a5d84571d8ecf4637a6bfc01df399c4c2bc86e0fd",
-    "bbox_model.pt": "39a7b2b5f799faa1391ea97bfcdc0b9299f20d84f2316a4ff8918dc4685e40aa",
-}
-"""SHA-256 of the networks of deepbet 1.0.2, the ones measured in the README."""
-
-
-def _record_hashes(dist: str) -> dict[str, str]:
-    """SHA-256 (hex) of the weight files as the installed wheel's RECORD lists them."""
-    out: dict[str, str] = {}
-    for entry in importlib.metadata.files(dist) or []:
-        if entry.name in _WEIGHT_FILES and entry.hash is not None and entry.hash.mode == "sha256":
-            out[entry.name] = base64.urlsafe_b64decode(entry.hash.value + "=" * (-len(entry.hash.value) % 4)).hex()
-    return out
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @functools.lru_cache(maxsize=1)
 def _extractor() -> object:
-    """deepbet's networks, loaded once per process after checking them against the wheel's RECORD.
-
-    They are TorchScript archives, which ``torch.load(weights_only=True)`` refuses; ``torch.jit.load``
-    reads TorchScript code and tensors, not arbitrary pickled Python, and the hash checks make sure the
-    files are those the installed wheel lists and those of deepbet 1.0.2, the version measured here."""
+    """deepbet's extractor with its two networks built in Python from safetensors (see
+    :mod:`anomaly.brain_net`): no TorchScript is loaded, no pickled code runs. The first use converts the
+    SHA-256 pinned archives of the installed wheel into the user cache; later ones only read that."""
     try:
         import torch
         from deepbet import BrainExtraction
         from deepbet.utils import DATA_PATH
     except ImportError as exc:
         raise StageUnavailable(f"brain extraction needs the deepbet package ({exc}); {_INSTALL_HINT}") from exc
-    recorded = _record_hashes("deepbet")
-    for name in _WEIGHT_FILES:
-        path = Path(DATA_PATH) / "models" / name
-        digest = _sha256(path) if path.is_file() else None
-        if digest is None or digest != recorded.get(name):
-            raise StageUnavailable(f"deepbet weights {path} are missing or differ from its installed wheel; "
-                               f"{_INSTALL_HINT}")
-        if digest != KNOWN_WEIGHTS[name]:
-            raise StageUnavailable(f"deepbet weights {path} are not those of deepbet 1.0.2, the version measured "
-                               f"for this project; {_INSTALL_HINT}")
-    with warnings.catch_warnings():  # torch 2.13 marks torch.jit.load deprecated; the archives still load
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return BrainExtraction(no_gpu=not torch.cuda.is_available())
+    from anomaly.brain_net import WEIGHT_NAMES, WeightsError, cached_networks
+
+    archives = {name: Path(DATA_PATH) / "models" / f"{name}.pt" for name in WEIGHT_NAMES}
+    try:
+        nets = cached_networks(archives)
+    except WeightsError as exc:
+        raise StageUnavailable(f"{exc}; {_INSTALL_HINT}") from exc
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bet = BrainExtraction.__new__(BrainExtraction)  # its __init__ would torch.jit.load the archives
+    bet.model, bet.bbox_model, bet.bbox = nets["model"].to(device), nets["bbox_model"].to(device), None
+    return bet
 
 
 def strip_skull(volume: Volume, *, size: int = 192, threshold: float = 0.5, check: bool = True) -> BrainMaskResult:

@@ -28,6 +28,8 @@ MIN_BRAIN_ML = 600.0
 MAX_BRAIN_ML = 2400.0
 MIN_EXTENT_MM = 70.0
 MAX_EXTENT_MM = 230.0
+MIN_FILL = 0.6
+MAX_FILL = 1.3
 HEAD_PROBE_MM = 2.0
 _LOCK = threading.Lock()
 """deepbet keeps the last bounding box on its object between its two steps: one scan at a time."""
@@ -62,17 +64,27 @@ def foreground_ml(volume: Volume, tolerance: float = 0.01) -> float:
     return float(mask.sum()) * volume.voxel_volume_ml * float(np.prod(step))
 
 
+def brain_fill(mask: np.ndarray, affine: np.ndarray) -> float:
+    """Mask volume over that of the ellipsoid inscribed in its world extent: about 0.8-1.0 for a brain,
+    far less for scattered pieces or a thin shell, about 1.9 for a box (the whole field of view)."""
+    extent = _extent_mm(mask, affine)
+    ellipsoid = np.pi / 6 * float(np.prod(extent))
+    return float(mask.sum()) * float(abs(np.linalg.det(affine[:3, :3]))) / ellipsoid if ellipsoid > 0 else 0.0
+
+
 def check_plausible_brain(mask: np.ndarray, volume: Volume, method: str) -> None:
-    """Refuse a mask whose volume or extent no adult brain has (the extractor failed on this scan)."""
+    """Refuse a mask whose volume, extent or compactness no adult brain has (the method failed on this scan)."""
     ml = float(mask.sum()) * volume.voxel_volume_ml
     extent = _extent_mm(mask, volume.affine)
-    if MIN_BRAIN_ML <= ml <= MAX_BRAIN_ML and all(MIN_EXTENT_MM <= e <= MAX_EXTENT_MM for e in extent):
+    fill = brain_fill(mask, volume.affine)
+    if (MIN_BRAIN_ML <= ml <= MAX_BRAIN_ML and all(MIN_EXTENT_MM <= e <= MAX_EXTENT_MM for e in extent)
+            and MIN_FILL <= fill <= MAX_FILL):
         return
     raise VolumeError(
         volume.path,
         f"brain extraction ({method}) found no plausible brain: {ml:.0f} mL, extent "
-        f"{' x '.join(f'{e:.0f}' for e in extent)} mm (expected {MIN_BRAIN_ML:.0f}-{MAX_BRAIN_ML:.0f} mL, "
-        f"{MIN_EXTENT_MM:.0f}-{MAX_EXTENT_MM:.0f} mm per axis)",
+        f"{' x '.join(f'{e:.0f}' for e in extent)} mm, fill {fill:.2f} (expected {MIN_BRAIN_ML:.0f}-"
+        f"{MAX_BRAIN_ML:.0f} mL, {MIN_EXTENT_MM:.0f}-{MAX_EXTENT_MM:.0f} mm per axis, fill {MIN_FILL}-{MAX_FILL})",
         "give this scan's brain mask with --brain-mask, or strip it with another tool and score it with "
         "--skull-strip skip")
 
@@ -165,9 +177,12 @@ def user_brain_mask(path: str | os.PathLike[str], volume: Volume) -> BrainMaskRe
 
 
 def brain_mask_for(volume: Volume, mode: str, *, head_ml: float, tolerance: float = 0.01, size: int = 192,
-                   user_mask: str | os.PathLike[str] | None = None) -> tuple[BrainMaskResult | None, float | None]:
+                   user_mask: str | os.PathLike[str] | None = None, contrast: str | None = None,
+                   session_t1: str | os.PathLike[str] | None = None) -> tuple[BrainMaskResult | None, float | None]:
     """The brain-extraction stage: the user's mask, deepbet's mask, or None (the scan is taken as a
-    brain already). Also returns the probed foreground (mL) when it was measured."""
+    brain already). A T2/FLAIR head with a T1 of the same session (``session_t1``) gets the T1's mask
+    carried over rigidly, which measures better than deepbet on the scan itself; deepbet on the scan is
+    the fallback. Also returns the probed foreground (mL) when it was measured."""
     if mode not in SKULL_STRIP_MODES:
         raise ValueError(f"skull_strip must be one of {', '.join(SKULL_STRIP_MODES)}, not {mode!r}")
     if user_mask is not None:
@@ -180,4 +195,21 @@ def brain_mask_for(volume: Volume, mode: str, *, head_ml: float, tolerance: floa
     fg = foreground_ml(volume, tolerance)
     if mode == "auto" and fg <= head_ml:
         return None, fg
-    return strip_skull(volume, size=size), fg
+    other = contrast in ("t2", "flair")
+    t1_problem = None
+    if other and session_t1 is not None:
+        from anomaly.mask_transfer import mask_from_t1
+
+        try:
+            return mask_from_t1(volume, session_t1, size=size), fg
+        except VolumeError as exc:  # fall back to deepbet on the scan itself
+            t1_problem = exc.reason
+    try:
+        return strip_skull(volume, size=size), fg
+    except VolumeError as exc:
+        if not other:
+            raise
+        tried = f"; the session T1 gave none either ({t1_problem})" if t1_problem else ""
+        raise VolumeError(volume.path, f"{exc.reason}{tried}",
+                          "name a T1 of the same session with --t1-for-mask FILE, give this scan's brain mask "
+                          "with --brain-mask, or strip it with another tool and use --skull-strip skip") from exc

@@ -181,8 +181,9 @@ def brain_mask_for(volume: Volume, mode: str, *, head_ml: float, tolerance: floa
                    session_t1: str | os.PathLike[str] | None = None) -> tuple[BrainMaskResult | None, float | None]:
     """The brain-extraction stage: the user's mask, deepbet's mask, or None (the scan is taken as a
     brain already). A T2/FLAIR head with a T1 of the same session (``session_t1``) gets the T1's mask
-    carried over rigidly, which measures better than deepbet on the scan itself; deepbet on the scan is
-    the fallback. Also returns the probed foreground (mL) when it was measured."""
+    carried over rigidly, which measures better than deepbet on the scan itself; then deepbet on the scan,
+    then a head template's mask, each taken only when it is a plausible brain; else the scan is refused
+    with every reason. Also returns the probed foreground (mL) when it was measured."""
     if mode not in SKULL_STRIP_MODES:
         raise ValueError(f"skull_strip must be one of {', '.join(SKULL_STRIP_MODES)}, not {mode!r}")
     if user_mask is not None:
@@ -195,21 +196,24 @@ def brain_mask_for(volume: Volume, mode: str, *, head_ml: float, tolerance: floa
     fg = foreground_ml(volume, tolerance)
     if mode == "auto" and fg <= head_ml:
         return None, fg
-    other = contrast in ("t2", "flair")
-    t1_problem = None
-    if other and session_t1 is not None:
-        from anomaly.mask_transfer import mask_from_t1
+    from anomaly.mask_transfer import mask_from_head_template, mask_from_t1
 
+    tried: list[str] = []
+    if contrast in ("t2", "flair") and session_t1 is not None:
         try:
             return mask_from_t1(volume, session_t1, size=size), fg
-        except VolumeError as exc:  # fall back to deepbet on the scan itself
-            t1_problem = exc.reason
+        except VolumeError as exc:
+            tried.append(f"session T1: {exc.reason}")
     try:
         return strip_skull(volume, size=size), fg
     except VolumeError as exc:
-        if not other:
-            raise
-        tried = f"; the session T1 gave none either ({t1_problem})" if t1_problem else ""
-        raise VolumeError(volume.path, f"{exc.reason}{tried}",
-                          "name a T1 of the same session with --t1-for-mask FILE, give this scan's brain mask "
-                          "with --brain-mask, or strip it with another tool and use --skull-strip skip") from exc
+        tried.append(exc.reason)
+    try:
+        return mask_from_head_template(volume), fg
+    except VolumeError as exc:
+        tried.append(exc.reason)
+    except StageUnavailable as exc:
+        tried.append(f"no head-template fallback ({str(exc).split(';')[0]})")
+    raise VolumeError(volume.path, "; ".join(tried),
+                      "name a T1 of the same session with --t1-for-mask FILE, give this scan's brain mask with "
+                      "--brain-mask, or strip it with another tool and use --skull-strip skip")

@@ -1,10 +1,12 @@
-"""Brain masks for T2 and FLAIR scans carried over from a T1 of the same session.
+"""Brain masks carried over from another image: a T1 of the same session, or a head template.
 
 deepbet was trained on T1w heads. When a T1 of the same subject and session is at hand, its brain is
 extracted and the T1 is registered rigidly onto the T2/FLAIR (ANTsPy, mutual information, on 2 mm
 copies of both heads), and the mask is carried onto the scan's own grid. The session's T1 is named
 with ``--t1-for-mask`` or found beside the scan (BIDS ``anat`` folders, or files named like it with
-``t1`` in place of ``t2``/``flair``).
+``t1`` in place of ``t2``/``flair``). The last resort, when deepbet finds no plausible brain in the scan
+itself, is an average head template (pydeface's, MIT) registered affinely onto the scan, its brain mask
+(deepbet's on the template, made once and cached) carried along.
 """
 
 from __future__ import annotations
@@ -17,8 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from anomaly.brain_extraction import BrainMaskResult, check_plausible_brain, strip_skull
-from anomaly.volume import NIFTI_SUFFIXES, Volume, VolumeError, load_volume
+from anomaly.brain_extraction import BrainMaskResult, StageUnavailable, check_plausible_brain, strip_skull
+from anomaly.volume import NIFTI_SUFFIXES, Volume, VolumeError, load_mask, load_volume, save_nifti
+
+MIN_SCALE, MAX_SCALE = 0.8, 1.25
+"""Scale factors of the template-to-scan affine beyond which the fit is no head's (measured: 0.91-1.05 on
+good fits, 0.67 on a failed one, 1.58 on a noise-filled box)."""
+HEAD_TEMPLATE_SHA256 = "fdc13571d66293f9919648cd8de9a7b3491b12175e09336353d2c9ce0466ecb6"
+"""pydeface 2.1.0's ``data/mean_reg2mean.nii.gz``, the average head measured in the README."""
 
 RIGID_SPACING_MM = 2.0
 _T1_SUFFIXES = ("T1w", "t1w", "T1", "t1", "mprage", "MPRAGE")
@@ -126,9 +134,49 @@ def mask_from_template(volume: Volume, head: Volume, brain: np.ndarray, *, trans
         with _seeded(ants, 1):
             result = ants.registration(fix, mov, type_of_transform=transform, outprefix=str(folder / "t_"),
                                        verbose=False)
-        mask = carry_mask(brain, head, volume, list(result["fwdtransforms"]))
+        fwd = list(result["fwdtransforms"])
+        scales = np.linalg.svd(np.asarray(ants.read_transform(fwd[0]).parameters[:9]).reshape(3, 3), compute_uv=False)
+        mask = carry_mask(brain, head, volume, fwd)
+    except Exception as exc:  # noqa: BLE001 - ANTs reports failures as generic errors
+        raise VolumeError(volume.path, f"registration of the head template failed: {exc}") from exc
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    if not all(MIN_SCALE <= v <= MAX_SCALE for v in scales):
+        raise VolumeError(volume.path, "brain extraction (head template) found no plausible brain: the template "
+                          f"had to be scaled by {' x '.join(f'{v:.2f}' for v in scales)} to fit (expected "
+                          f"{MIN_SCALE}-{MAX_SCALE}: heads differ less)")
     if check:
         check_plausible_brain(mask, volume, "head template")
     return BrainMaskResult(mask, "template", float(mask.sum()) * volume.voxel_volume_ml, time.perf_counter() - t0)
+
+
+def head_template() -> tuple[Volume, np.ndarray]:
+    """The average head template (pydeface 2.1.0, pinned by SHA-256) and its brain mask, which deepbet
+    makes once and the user cache keeps (``ANOMALY_CACHE_DIR`` or ``~/.cache/anomaly``)."""
+    import importlib.resources
+
+    from anomaly.brain_net import cache_dir, sha256
+
+    try:
+        path = Path(str(importlib.resources.files("pydeface") / "data" / "mean_reg2mean.nii.gz"))
+    except ImportError as exc:
+        raise StageUnavailable("the head-template fallback needs the pydeface package's template; install it "
+                               "with `pip install --no-deps pydeface==2.1.0` (as `make setup` does)") from exc
+    if not path.is_file() or sha256(path) != HEAD_TEMPLATE_SHA256:
+        raise StageUnavailable(f"head template {path} is missing or not pydeface 2.1.0's; reinstall it with "
+                               "`pip install --no-deps pydeface==2.1.0`")
+    head = load_volume(path)
+    cached = cache_dir().parent / "head-template" / f"mean_reg2mean_brain_{HEAD_TEMPLATE_SHA256[:12]}.nii.gz"
+    try:
+        brain = load_mask(cached, like=head)
+    except (OSError, VolumeError):
+        brain = strip_skull(head).mask
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        save_nifti(brain.astype(np.uint8), head.affine, cached, dtype=np.uint8)
+    return head, brain
+
+
+def mask_from_head_template(volume: Volume, check: bool = True) -> BrainMaskResult:
+    """The fallback mask: the head template's brain carried onto the scan (see :func:`head_template`)."""
+    head, brain = head_template()
+    return mask_from_template(volume, head, brain, check=check)

@@ -229,5 +229,8 @@ def prepare_scan(volume: Volume, config: PreprocessConfig, spec: InputSpec,
         stages.update(register=f"mni-{reg.kind}", register_s=round(reg.seconds, 3))
         if reg.overlap is not None:
             stages["template_dice"] = round(reg.overlap, 4)
+    if result is not None and result.method == "template":
+        prepared.warnings.append("brain mask from a head template registered to the scan (deepbet found no "
+                                 "plausible brain in it): check the outline, or give --brain-mask")
     prepared.stages = stages
     return prepared

@@ -28,7 +28,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.processing import resample_from_to
 
-from anomaly.brain_extraction import check_plausible_brain, foreground_ml, strip_skull
+from anomaly.brain_extraction import brain_fill, check_plausible_brain, foreground_ml, strip_skull
 from anomaly.config import PreprocessConfig, ScoringSettings
 from anomaly.metrics import auprc, auroc
 from anomaly.models import load_model
@@ -152,41 +152,55 @@ def contrast_cases(root: Path, n: int) -> list[dict]:
     return cases
 
 
-def contrasts(root: Path, n: int, head_template: Path | None) -> list[dict]:
+def contrasts(root: Path, n: int) -> list[dict]:
     """Brain masks of T2/FLAIR scans by (a) deepbet on the scan, (b) the session T1's mask carried over
-    rigidly, (c) a head template's brain mask carried over affinely (when ``head_template`` is given)."""
-    from anomaly.mask_transfer import mask_from_t1, mask_from_template
+    rigidly, (c) the head template's brain mask carried over affinely; and the one the stage picks
+    (b, else a, else c, the first that is a plausible brain; else the scan is refused)."""
+    from anomaly.mask_transfer import head_template, mask_from_head_template, mask_from_t1
 
-    template = None
-    if head_template is not None:
-        head = load_volume(head_template)
-        template = (head, strip_skull(head).mask)
+    head_template()  # the template's brain mask is made once, outside the timings
     rows = []
     for case in contrast_cases(root, n):
         scan, reference = case["scan"], case["reference"]
-        found: dict[str, object] = {}
+        found: dict[str, np.ndarray] = {}
         methods = {"a_deepbet": lambda s=scan: strip_skull(s, check=False)}
         if case["t1"] is not None:
             methods["b_t1"] = lambda s=scan, t=case["t1"]: mask_from_t1(s, t, check=False)
-        if template is not None:
-            methods["c_template"] = lambda s=scan: mask_from_template(s, template[0], template[1], check=False)
+        methods["c_template"] = lambda s=scan: mask_from_head_template(s, check=False)
+        plausible: dict[str, bool] = {}
         for method, run in methods.items():
-            result = run()
+            t0 = time.perf_counter()
+            result = None
             try:
+                result = run()
                 check_plausible_brain(result.mask, scan, method)
-                plausible = True
-            except VolumeError:
-                plausible = False
+                plausible[method] = True
+            except VolumeError as exc:
+                plausible[method] = False
+                if result is None:  # no mask at all (e.g. the template fit was refused)
+                    row = {"case": case["case"], "contrast": case["contrast"], "method": method,
+                           "reference": case["ref"], "mask_ml": None, "plausible": False, "dice": None,
+                           "seconds": round(time.perf_counter() - t0, 1), "note": exc.reason[-80:]}
+                    rows.append(row)
+                    print(row, flush=True)
+                    continue
+            assert result is not None
             found[method] = result.mask
             ref = reference if reference is not None else found.get("a_deepbet")
             row = {"case": case["case"], "contrast": case["contrast"], "method": method,
-                   "reference": case["ref"], "mask_ml": round(result.volume_ml), "plausible": plausible,
+                   "reference": case["ref"], "mask_ml": round(result.volume_ml), "plausible": plausible[method],
+                   "fill": round(brain_fill(result.mask, scan.affine), 3),
                    "dice": round(dice(result.mask, ref), 4) if ref is not None else None,
                    "seconds": round(result.seconds, 1)}
             rows.append(row)
             print(row, flush=True)
+        chosen = next((m for m in ("b_t1", "a_deepbet", "c_template") if plausible.get(m)), "refused")
+        row = {"case": case["case"], "contrast": case["contrast"], "method": "picked", "picked": chosen,
+               "dice": (round(dice(found[chosen], reference), 4) if chosen in found and reference is not None
+                        else None)}
+        rows.append(row)
+        print(row, flush=True)
     return rows
-
 
 def bar(model_name: str = "intensity") -> list[dict]:
     """What ``anomaly score`` writes as <name>_brain for ch2 (auto) and ch2bet (skip), as is and LAS 1.2 mm."""
@@ -289,7 +303,6 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--only", choices=("extraction", "bar", "registration", "detection", "contrasts"), nargs="*")
     parser.add_argument("--cases", type=int, default=3, help="sets per source for the T2/FLAIR part (default 3)")
-    parser.add_argument("--head-template", help="a T1 head template (with skull) for the template method")
     args = parser.parse_args()
     parts = args.only or ["extraction", "bar", "registration", "detection"]
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
@@ -303,8 +316,7 @@ def main() -> None:
         elif part == "registration":
             results[part] = registration()
         elif part == "contrasts":
-            results[part] = contrasts(Path(args.data), args.cases,
-                                      Path(args.head_template) if args.head_template else None)
+            results[part] = contrasts(Path(args.data), args.cases)
         else:
             results[part] = detection()
     if args.json:

@@ -10,8 +10,15 @@
    of Colin27's brain moved by known motions, and the overlap of the warped brain with the template's.
 3. Detection on Colin27's head with synthetic lesions: scored raw (``--skull-strip skip``) and after
    stripping (``auto``), intensity baseline: voxel AUROC / AUPRC over the head and the scan score.
+4. T2/FLAIR brain masks (``--only contrasts``) by deepbet on the scan, the session T1's mask carried over
+   rigidly, and the head template's mask carried over affinely, and the one the stage picks: on the
+   MS and BraTS sets (skull-stripped T1/T2/FLAIR; the T2/FLAIR moved by a rigid motion; reference: the
+   set's brain), IXI T1 heads with their contrast inverted inside the head (a T2-like head with skull;
+   reference: DLMUSE > 0), and the healthy T2/FLAIR heads (no reference and no T1: Dice against deepbet's
+   own mask on the scan).
 
-Not a test. Usage: python benchmarks/brain_extraction.py [DATA_DIR] [--ixi N] [--json FILE]
+Not a test. Usage: python benchmarks/brain_extraction.py [DATA_DIR] [--ixi N] [--cases N] [--only PART ...]
+[--json FILE]
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from nibabel.processing import resample_from_to
 
 from anomaly.brain_extraction import brain_fill, brain_mask_for
 from anomaly.config import PreprocessConfig
-from anomaly.mask_transfer import find_session_t1, mask_from_t1
+from anomaly.mask_transfer import find_session_t1
 from anomaly.volume import Volume, VolumeError, load_mask, load_volume
 from pipelines.cli import main
 from tests.conftest import SHARED_DATA, write_nifti
@@ -66,14 +66,6 @@ def session() -> tuple[Volume, Volume, np.ndarray]:
     return t1, scan, _moved(labels, t1.affine, motion, 0) > 0.5
 
 
-def test_the_session_t1_mask_is_carried_onto_the_t2(session: tuple[Volume, Volume, np.ndarray]) -> None:
-    t1, scan, reference = session
-    result = mask_from_t1(scan, t1, size=SIZE)
-    assert result.method == "t1" and result.mask.shape == scan.shape
-    assert dice(result.mask, reference) > 0.93
-    assert 0.75 < brain_fill(result.mask, scan.affine) < 1.1
-
-
 def test_without_a_t1_the_head_template_stands_in_when_deepbet_finds_no_brain(
         session: tuple[Volume, Volume, np.ndarray]) -> None:
     """deepbet (trained on T1) takes much of the inverted head's scalp for brain: an implausible mask,
@@ -101,7 +93,7 @@ def test_session_t1_is_found_in_bids_and_plain_folders(tmp_path: Path) -> None:
     assert find_session_t1(plain / "flair.nii") == plain / "t1.nii.gz"
 
 
-def test_score_pairs_a_bids_t2_with_its_t1(tmp_path: Path, session: tuple[Volume, Volume, np.ndarray]) -> None:
+def test_score_carries_the_session_t1_mask_onto_a_bids_t2(tmp_path: Path, session: tuple[Volume, Volume, np.ndarray]) -> None:
     t1, scan, reference = session
     anat = tmp_path / "sub-01" / "anat"
     write_nifti(anat / "sub-01_T1w.nii.gz", t1.data, t1.affine)
@@ -112,7 +104,8 @@ def test_score_pairs_a_bids_t2_with_its_t1(tmp_path: Path, session: tuple[Volume
     assert main(["score", str(src), "--out", str(out), "--model", "intensity", "--db", str(tmp_path / "a.db"),
                  "--quiet", "--config", str(config), "--csv", str(tmp_path / "s.csv")]) == 0
     written = np.asarray(nib.load(str(out / "sub-01_T2w_brain.nii.gz")).dataobj) > 0
-    assert dice(written, reference) > 0.93
+    assert dice(written, reference) > 0.93  # deepbet on this scan alone takes the scalp (see the next test)
+    assert 0.75 < brain_fill(written, scan.affine) < 1.1
     with sqlite3.connect(tmp_path / "a.db") as db:
         details = json.loads(db.execute("select details from results").fetchone()[0])
     assert details["skull_strip"] == "t1" and details["session_t1"].endswith("sub-01_T1w.nii.gz")

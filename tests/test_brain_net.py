@@ -51,6 +51,7 @@ def small_head() -> torch.Tensor:
     return 0.226 * (x - x.mean()) / x.std() + 0.449
 
 
+@pytest.mark.filterwarnings("ignore:'torch.load' received a zip file")
 def test_the_archives_are_torchscript_that_weights_only_refuses(archives: dict[str, Path]) -> None:
     with pytest.raises(RuntimeError, match="weights_only"):
         torch.load(archives["model"], weights_only=True)

@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dashboard,eval,postgres,distributed,dev,raw]'
-	$(BIN)/pip install --quiet --no-deps deepbet==1.0.2 antspyx==0.6.3
+	$(BIN)/pip install --quiet --no-deps deepbet==1.0.2 antspyx==0.6.3 pydeface==2.1.0
 	touch $(STAMP)
 
 setup: system-packages $(STAMP)

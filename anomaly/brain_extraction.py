@@ -8,14 +8,10 @@ networks, so the mask comes back on exactly the input's voxels. A mask that is n
 
 from __future__ import annotations
 
-import base64
 import functools
-import hashlib
-import importlib.metadata
 import os
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +28,9 @@ MIN_BRAIN_ML = 600.0
 MAX_BRAIN_ML = 2400.0
 MIN_EXTENT_MM = 70.0
 MAX_EXTENT_MM = 230.0
+MIN_FILL = 0.6
+MAX_FILL = 1.3
 HEAD_PROBE_MM = 2.0
-_WEIGHT_FILES = ("model.pt", "bbox_model.pt")
 _LOCK = threading.Lock()
 """deepbet keeps the last bounding box on its object between its two steps: one scan at a time."""
 _INSTALL_HINT = ("install it with `pip install --no-deps deepbet==1.0.2` and `pip install connected-components-3d "
@@ -67,17 +64,27 @@ def foreground_ml(volume: Volume, tolerance: float = 0.01) -> float:
     return float(mask.sum()) * volume.voxel_volume_ml * float(np.prod(step))
 
 
+def brain_fill(mask: np.ndarray, affine: np.ndarray) -> float:
+    """Mask volume over that of the ellipsoid inscribed in its world extent: about 0.8-1.0 for a brain,
+    far less for scattered pieces or a thin shell, about 1.9 for a box (the whole field of view)."""
+    extent = _extent_mm(mask, affine)
+    ellipsoid = np.pi / 6 * float(np.prod(extent))
+    return float(mask.sum()) * float(abs(np.linalg.det(affine[:3, :3]))) / ellipsoid if ellipsoid > 0 else 0.0
+
+
 def check_plausible_brain(mask: np.ndarray, volume: Volume, method: str) -> None:
-    """Refuse a mask whose volume or extent no adult brain has (the extractor failed on this scan)."""
+    """Refuse a mask whose volume, extent or compactness no adult brain has (the method failed on this scan)."""
     ml = float(mask.sum()) * volume.voxel_volume_ml
     extent = _extent_mm(mask, volume.affine)
-    if MIN_BRAIN_ML <= ml <= MAX_BRAIN_ML and all(MIN_EXTENT_MM <= e <= MAX_EXTENT_MM for e in extent):
+    fill = brain_fill(mask, volume.affine)
+    if (MIN_BRAIN_ML <= ml <= MAX_BRAIN_ML and all(MIN_EXTENT_MM <= e <= MAX_EXTENT_MM for e in extent)
+            and MIN_FILL <= fill <= MAX_FILL):
         return
     raise VolumeError(
         volume.path,
         f"brain extraction ({method}) found no plausible brain: {ml:.0f} mL, extent "
-        f"{' x '.join(f'{e:.0f}' for e in extent)} mm (expected {MIN_BRAIN_ML:.0f}-{MAX_BRAIN_ML:.0f} mL, "
-        f"{MIN_EXTENT_MM:.0f}-{MAX_EXTENT_MM:.0f} mm per axis)",
+        f"{' x '.join(f'{e:.0f}' for e in extent)} mm, fill {fill:.2f} (expected {MIN_BRAIN_ML:.0f}-"
+        f"{MAX_BRAIN_ML:.0f} mL, {MIN_EXTENT_MM:.0f}-{MAX_EXTENT_MM:.0f} mm per axis, fill {MIN_FILL}-{MAX_FILL})",
         "give this scan's brain mask with --brain-mask, or strip it with another tool and score it with "
         "--skull-strip skip")
 
@@ -94,52 +101,28 @@ def _extent_mm(mask: np.ndarray, affine: np.ndarray) -> tuple[float, float, floa
     return tuple(float(v) for v in world.max(axis=0) - world.min(axis=0) + spacing.min())  # type: ignore[return-value]
 
 
-KNOWN_WEIGHTS = {
-    "model.pt": "de8ee7c69654d0dd3935dc4a5d84571d8ecf4637a6bfc01df399c4c2bc86e0fd",
-    "bbox_model.pt": "39a7b2b5f799faa1391ea97bfcdc0b9299f20d84f2316a4ff8918dc4685e40aa",
-}
-"""SHA-256 of the networks of deepbet 1.0.2, the ones measured in the README."""
-
-
-def _record_hashes(dist: str) -> dict[str, str]:
-    """SHA-256 (hex) of the weight files as the installed wheel's RECORD lists them."""
-    out: dict[str, str] = {}
-    for entry in importlib.metadata.files(dist) or []:
-        if entry.name in _WEIGHT_FILES and entry.hash is not None and entry.hash.mode == "sha256":
-            out[entry.name] = base64.urlsafe_b64decode(entry.hash.value + "=" * (-len(entry.hash.value) % 4)).hex()
-    return out
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @functools.lru_cache(maxsize=1)
 def _extractor() -> object:
-    """deepbet's networks, loaded once per process after checking them against the wheel's RECORD.
-
-    They are TorchScript archives, which ``torch.load(weights_only=True)`` refuses; ``torch.jit.load``
-    reads TorchScript code and tensors, not arbitrary pickled Python, and the hash checks make sure the
-    files are those the installed wheel lists and those of deepbet 1.0.2, the version measured here."""
+    """deepbet's extractor with its two networks built in Python from safetensors (see
+    :mod:`anomaly.brain_net`): no TorchScript is loaded, no pickled code runs. The first use converts the
+    SHA-256 pinned archives of the installed wheel into the user cache; later ones only read that."""
     try:
         import torch
         from deepbet import BrainExtraction
         from deepbet.utils import DATA_PATH
     except ImportError as exc:
         raise StageUnavailable(f"brain extraction needs the deepbet package ({exc}); {_INSTALL_HINT}") from exc
-    recorded = _record_hashes("deepbet")
-    for name in _WEIGHT_FILES:
-        path = Path(DATA_PATH) / "models" / name
-        digest = _sha256(path) if path.is_file() else None
-        if digest is None or digest != recorded.get(name):
-            raise StageUnavailable(f"deepbet weights {path} are missing or differ from its installed wheel; "
-                               f"{_INSTALL_HINT}")
-        if digest != KNOWN_WEIGHTS[name]:
-            raise StageUnavailable(f"deepbet weights {path} are not those of deepbet 1.0.2, the version measured "
-                               f"for this project; {_INSTALL_HINT}")
-    with warnings.catch_warnings():  # torch 2.13 marks torch.jit.load deprecated; the archives still load
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return BrainExtraction(no_gpu=not torch.cuda.is_available())
+    from anomaly.brain_net import WEIGHT_NAMES, WeightsError, cached_networks
+
+    archives = {name: Path(DATA_PATH) / "models" / f"{name}.pt" for name in WEIGHT_NAMES}
+    try:
+        nets = cached_networks(archives)
+    except WeightsError as exc:
+        raise StageUnavailable(f"{exc}; {_INSTALL_HINT}") from exc
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bet = BrainExtraction.__new__(BrainExtraction)  # its __init__ would torch.jit.load the archives
+    bet.model, bet.bbox_model, bet.bbox = nets["model"].to(device), nets["bbox_model"].to(device), None
+    return bet
 
 
 def strip_skull(volume: Volume, *, size: int = 192, threshold: float = 0.5, check: bool = True) -> BrainMaskResult:
@@ -194,9 +177,13 @@ def user_brain_mask(path: str | os.PathLike[str], volume: Volume) -> BrainMaskRe
 
 
 def brain_mask_for(volume: Volume, mode: str, *, head_ml: float, tolerance: float = 0.01, size: int = 192,
-                   user_mask: str | os.PathLike[str] | None = None) -> tuple[BrainMaskResult | None, float | None]:
+                   user_mask: str | os.PathLike[str] | None = None, contrast: str | None = None,
+                   session_t1: str | os.PathLike[str] | None = None) -> tuple[BrainMaskResult | None, float | None]:
     """The brain-extraction stage: the user's mask, deepbet's mask, or None (the scan is taken as a
-    brain already). Also returns the probed foreground (mL) when it was measured."""
+    brain already). A T2/FLAIR head with a T1 of the same session (``session_t1``) gets the T1's mask
+    carried over rigidly, which measures better than deepbet on the scan itself; then deepbet on the scan,
+    then a head template's mask, each taken only when it is a plausible brain; else the scan is refused
+    with every reason. Also returns the probed foreground (mL) when it was measured."""
     if mode not in SKULL_STRIP_MODES:
         raise ValueError(f"skull_strip must be one of {', '.join(SKULL_STRIP_MODES)}, not {mode!r}")
     if user_mask is not None:
@@ -209,4 +196,24 @@ def brain_mask_for(volume: Volume, mode: str, *, head_ml: float, tolerance: floa
     fg = foreground_ml(volume, tolerance)
     if mode == "auto" and fg <= head_ml:
         return None, fg
-    return strip_skull(volume, size=size), fg
+    from anomaly.mask_transfer import mask_from_head_template, mask_from_t1
+
+    tried: list[str] = []
+    if contrast in ("t2", "flair") and session_t1 is not None:
+        try:
+            return mask_from_t1(volume, session_t1, size=size), fg
+        except VolumeError as exc:
+            tried.append(f"session T1: {exc.reason}")
+    try:
+        return strip_skull(volume, size=size), fg
+    except VolumeError as exc:
+        tried.append(exc.reason)
+    try:
+        return mask_from_head_template(volume), fg
+    except VolumeError as exc:
+        tried.append(exc.reason)
+    except StageUnavailable as exc:
+        tried.append(f"no head-template fallback ({str(exc).split(';')[0]})")
+    raise VolumeError(volume.path, "; ".join(tried),
+                      "name a T1 of the same session with --t1-for-mask FILE, give this scan's brain mask with "
+                      "--brain-mask, or strip it with another tool and use --skull-strip skip")

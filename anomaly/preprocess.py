@@ -191,17 +191,21 @@ def to_native(array: np.ndarray, prepared: PreparedVolume, mode: str = "bilinear
 
 
 def prepare_scan(volume: Volume, config: PreprocessConfig, spec: InputSpec,
-                 user_mask: str | os.PathLike[str] | None = None) -> PreparedVolume:
+                 user_mask: str | os.PathLike[str] | None = None, contrast: str | None = None,
+                 session_t1: str | os.PathLike[str] | None = None) -> PreparedVolume:
     """The stages before the model for a raw scan: brain extraction (``config.skull_strip``, or the user's
-    mask), optional registration to MNI152 (``config.register``), then :func:`prepare_volume`. Each stage
+    mask; for a T2/FLAIR head the mask of ``session_t1``, a T1 of the same session, when given), optional
+    registration to MNI152 (``config.register``), then :func:`prepare_volume`. Each stage
     records how to undo itself, so :func:`to_native` still lands on the input's own grid."""
     from anomaly.brain_extraction import brain_mask_for
 
     t0 = time.perf_counter()
     result, head_ml = brain_mask_for(volume, config.skull_strip, head_ml=config.skull_volume_ml,
                                      tolerance=config.mask_tolerance, size=config.skull_strip_size,
-                                     user_mask=user_mask)
+                                     user_mask=user_mask, contrast=contrast, session_t1=session_t1)
     stages: dict[str, Any] = {"skull_strip": result.method if result is not None else "none"}
+    if result is not None and result.method == "t1":
+        stages["session_t1"] = str(session_t1)
     if head_ml is not None:
         stages["foreground_ml"] = round(head_ml, 1)
     if result is not None:
@@ -225,5 +229,8 @@ def prepare_scan(volume: Volume, config: PreprocessConfig, spec: InputSpec,
         stages.update(register=f"mni-{reg.kind}", register_s=round(reg.seconds, 3))
         if reg.overlap is not None:
             stages["template_dice"] = round(reg.overlap, 4)
+    if result is not None and result.method == "template":
+        prepared.warnings.append("brain mask from a head template registered to the scan (deepbet found no "
+                                 "plausible brain in it): check the outline, or give --brain-mask")
     prepared.stages = stages
     return prepared

@@ -10,8 +10,15 @@
    of Colin27's brain moved by known motions, and the overlap of the warped brain with the template's.
 3. Detection on Colin27's head with synthetic lesions: scored raw (``--skull-strip skip``) and after
    stripping (``auto``), intensity baseline: voxel AUROC / AUPRC over the head and the scan score.
+4. T2/FLAIR brain masks (``--only contrasts``) by deepbet on the scan, the session T1's mask carried over
+   rigidly, and the head template's mask carried over affinely, and the one the stage picks: on the
+   MS and BraTS sets (skull-stripped T1/T2/FLAIR; the T2/FLAIR moved by a rigid motion; reference: the
+   set's brain), IXI T1 heads with their contrast inverted inside the head (a T2-like head with skull;
+   reference: DLMUSE > 0), and the healthy T2/FLAIR heads (no reference and no T1: Dice against deepbet's
+   own mask on the scan).
 
-Not a test. Usage: python benchmarks/brain_extraction.py [DATA_DIR] [--ixi N] [--json FILE]
+Not a test. Usage: python benchmarks/brain_extraction.py [DATA_DIR] [--ixi N] [--cases N] [--only PART ...]
+[--json FILE]
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.processing import resample_from_to
 
-from anomaly.brain_extraction import check_plausible_brain, foreground_ml, strip_skull
+from anomaly.brain_extraction import brain_fill, check_plausible_brain, foreground_ml, strip_skull
 from anomaly.config import PreprocessConfig, ScoringSettings
 from anomaly.metrics import auprc, auroc
 from anomaly.models import load_model
@@ -117,6 +124,90 @@ def extraction(root: Path, n_ixi: int) -> list[dict]:
     print(row, flush=True)
     return rows
 
+
+def _moved(volume: Volume, motion: np.ndarray, order: int = 1) -> Volume:
+    """The subject moved by ``motion`` (world mm) inside the same scanner grid: content resampled, affine kept."""
+    img = nib.Nifti1Image(volume.data, volume.affine)
+    out = resample_from_to(img, (volume.shape, motion @ volume.affine), order=order)
+    return Volume(np.asarray(out.dataobj, dtype=np.float32), volume.affine, path=volume.path)
+
+
+def contrast_cases(root: Path, n: int) -> list[dict]:
+    """T2/FLAIR cases: (name, contrast, scan, session T1 or None, reference mask or None, what the reference is)."""
+    motion = _motion((7, -5, 4), (4, -6, 5))
+    cases = []
+    for folder in sorted((root / "ms-open").glob("patient*"))[:n] + sorted((root / "brats2018").glob("Brats*"))[:n]:
+        t1 = load_volume(folder / "t1.nii.gz")
+        reference = _moved(Volume((t1.data > 0).astype(np.float32), t1.affine), motion, order=0).data > 0.5
+        for contrast in ("t2", "flair"):
+            scan = _moved(load_volume(folder / f"{contrast}.nii.gz"), motion)
+            cases.append({"case": f"{folder.parent.name}/{folder.name} (stripped, moved)", "contrast": contrast,
+                          "scan": scan, "t1": t1, "reference": reference, "ref": "the set's brain (T1 > 0), moved"})
+    for folder in sorted((root / "ixi-t1").glob("IXI*"))[:n]:
+        head = load_volume(folder / "t1_head.nii.gz")
+        labels = load_mask(folder / "dlmuse_labels.nii.gz", like=head)
+        inside = head.data > np.percentile(head.data, 60) * 0.1
+        t2like = Volume(np.where(inside, head.data.max() - head.data, 0).astype(np.float32), head.affine)
+        cases.append({"case": f"IXI {folder.name} T1 head, contrast inverted, moved", "contrast": "t2-like",
+                      "scan": _moved(t2like, motion), "t1": head,
+                      "reference": _moved(Volume(labels.astype(np.float32), head.affine), motion, order=0).data > 0.5,
+                      "ref": "DLMUSE > 0, moved"})
+    for name, contrast in (("niivue_t2w_head.nii.gz", "t2"), ("niivue_flair.nii.gz", "flair")):
+        if (root / "healthy" / name).exists():
+            cases.append({"case": f"healthy {name}", "contrast": contrast, "scan": load_volume(root / "healthy" / name),
+                          "t1": None, "reference": None, "ref": "none (deepbet on the scan itself)"})
+    return cases
+
+
+def contrasts(root: Path, n: int) -> list[dict]:
+    """Brain masks of T2/FLAIR scans by (a) deepbet on the scan, (b) the session T1's mask carried over
+    rigidly, (c) the head template's brain mask carried over affinely; and the one the stage picks
+    (b, else a, else c, the first that is a plausible brain; else the scan is refused)."""
+    from anomaly.mask_transfer import head_template, mask_from_head_template, mask_from_t1
+
+    head_template()  # the template's brain mask is made once, outside the timings
+    rows = []
+    for case in contrast_cases(root, n):
+        scan, reference = case["scan"], case["reference"]
+        found: dict[str, np.ndarray] = {}
+        methods = {"a_deepbet": lambda s=scan: strip_skull(s, check=False)}
+        if case["t1"] is not None:
+            methods["b_t1"] = lambda s=scan, t=case["t1"]: mask_from_t1(s, t, check=False)
+        methods["c_template"] = lambda s=scan: mask_from_head_template(s, check=False)
+        plausible: dict[str, bool] = {}
+        for method, run in methods.items():
+            t0 = time.perf_counter()
+            result = None
+            try:
+                result = run()
+                check_plausible_brain(result.mask, scan, method)
+                plausible[method] = True
+            except VolumeError as exc:
+                plausible[method] = False
+                if result is None:  # no mask at all (e.g. the template fit was refused)
+                    row = {"case": case["case"], "contrast": case["contrast"], "method": method,
+                           "reference": case["ref"], "mask_ml": None, "plausible": False, "dice": None,
+                           "seconds": round(time.perf_counter() - t0, 1), "note": exc.reason[-80:]}
+                    rows.append(row)
+                    print(row, flush=True)
+                    continue
+            assert result is not None
+            found[method] = result.mask
+            ref = reference if reference is not None else found.get("a_deepbet")
+            row = {"case": case["case"], "contrast": case["contrast"], "method": method,
+                   "reference": case["ref"], "mask_ml": round(result.volume_ml), "plausible": plausible[method],
+                   "fill": round(brain_fill(result.mask, scan.affine), 3),
+                   "dice": round(dice(result.mask, ref), 4) if ref is not None else None,
+                   "seconds": round(result.seconds, 1)}
+            rows.append(row)
+            print(row, flush=True)
+        chosen = next((m for m in ("b_t1", "a_deepbet", "c_template") if plausible.get(m)), "refused")
+        row = {"case": case["case"], "contrast": case["contrast"], "method": "picked", "picked": chosen,
+               "dice": (round(dice(found[chosen], reference), 4) if chosen in found and reference is not None
+                        else None)}
+        rows.append(row)
+        print(row, flush=True)
+    return rows
 
 def bar(model_name: str = "intensity") -> list[dict]:
     """What ``anomaly score`` writes as <name>_brain for ch2 (auto) and ch2bet (skip), as is and LAS 1.2 mm."""
@@ -217,7 +308,8 @@ def main() -> None:
     parser.add_argument("data", nargs="?", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--ixi", type=int, default=5, help="IXI heads to use (default 5)")
     parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--only", choices=("extraction", "bar", "registration", "detection"), nargs="*")
+    parser.add_argument("--only", choices=("extraction", "bar", "registration", "detection", "contrasts"), nargs="*")
+    parser.add_argument("--cases", type=int, default=3, help="sets per source for the T2/FLAIR part (default 3)")
     args = parser.parse_args()
     parts = args.only or ["extraction", "bar", "registration", "detection"]
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
@@ -230,6 +322,8 @@ def main() -> None:
             results[part] = bar()
         elif part == "registration":
             results[part] = registration()
+        elif part == "contrasts":
+            results[part] = contrasts(Path(args.data), args.cases)
         else:
             results[part] = detection()
     if args.json:

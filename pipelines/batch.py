@@ -259,7 +259,7 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
                 on_outcome: Callable[[ScanOutcome], None] | None = None,
                 force_calibration: bool = False, patient_salt: bytes | None = None,
                 items: Sequence[InputItem] | None = None, max_bytes: int | None = None,
-                brain_mask: str | os.PathLike[str] | None = None) -> BatchSummary:
+                brain_mask: str | os.PathLike[str] | None = None, t1_for_mask: str = "auto") -> BatchSummary:
     """Score every input into ``out_dir`` and ``store``; returns the per-file rows written to the CSV.
 
     Inputs are NIfTI files, folders (NIfTI files and DICOM series found in them) and zip archives of
@@ -267,7 +267,8 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
     Each scan's output stem is claimed in the store before scoring (see :mod:`anomaly.outputs`), so
     no map is ever overwritten by another scan or run. ``max_bytes`` is the memory budget of one volume
     (default: :func:`anomaly.volume.max_volume_bytes`). ``brain_mask``: the user's brain mask file, or
-    a folder of masks named like the scans."""
+    a folder of masks named like the scans. ``t1_for_mask``: ``auto``, ``none`` or a T1 file, where the
+    brain masks of T2/FLAIR heads come from (see :class:`pipelines.work.ScanTask`)."""
     started = time.perf_counter()
     settings = settings or ScoringSettings()
     executor = executor or LocalExecutor()
@@ -315,7 +316,8 @@ def score_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
             task = ScanTask(path=item.path, stem=preferred, content_hash=digest, out_dir=out, series=item.series,
                             contrast=item.contrast, contrast_note=item.contrast_note, names=item.names,
                             source=item.source, max_bytes=max_bytes,
-                            brain_mask=Path(brain_mask) if brain_mask is not None else None)
+                            brain_mask=Path(brain_mask) if brain_mask is not None else None,
+                            t1_for_mask=str(t1_for_mask))
             where = item.series.where if item.series is not None else str(item.path)
             if digest in first_of:
                 rows.append(_row(task, "skipped", run_id, applied,

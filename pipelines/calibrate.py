@@ -209,7 +209,8 @@ def run_calibration(inputs: Sequence[str | os.PathLike[str]], model: SliceModel,
                     scan_target_fpr: float | None = None, labels_dir: str | os.PathLike[str] | None = None,
                     healthy_without_labels: bool = False, out_dir: str | os.PathLike[str] | None = None,
                     min_volume_ml: float = DEFAULT_MIN_VOLUME_ML, n_bootstrap: int = 1000, seed: int = 0,
-                    progress: bool = True, brain_mask: str | os.PathLike[str] | None = None) -> CalibrationOutcome:
+                    progress: bool = True, brain_mask: str | os.PathLike[str] | None = None,
+                    t1_for_mask: str = "auto") -> CalibrationOutcome:
     """Score ``inputs`` with ``model`` and ``settings``, calibrate (healthy, or labelled with ``labels_dir``)
     and store the result as the next version of ``name``."""
     if not name or "@" in name or name != name.strip():
@@ -225,7 +226,8 @@ def run_calibration(inputs: Sequence[str | os.PathLike[str]], model: SliceModel,
                         index, labels_dir)
     out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(store.engine.url.render_as_string(),
                                                                               name)
-    summary = score_batch(inputs, out, model, store, settings, progress=progress, brain_mask=brain_mask)
+    summary = score_batch(inputs, out, model, store, settings, progress=progress, brain_mask=brain_mask,
+                          t1_for_mask=t1_for_mask)
     scans = scored_scans(summary)
     notes: list[str] = []
     if index is not None:

@@ -20,7 +20,9 @@ import numpy as np
 from anomaly.brain_extraction import StageUnavailable, find_user_mask
 from anomaly.calibration import Calibration
 from anomaly.config import ScoringSettings
+from anomaly.contrast import guess_contrast
 from anomaly.io.dicom import DicomSeries, load_series
+from anomaly.mask_transfer import find_session_t1
 from anomaly.models.base import SliceModel
 from anomaly.outputs import output_path
 from anomaly.preprocess import PreparedVolume, prepare_scan
@@ -34,7 +36,9 @@ class ScanTask:
     """One input and where its outputs go in ``out_dir`` (names in :mod:`anomaly.outputs`, or the
     BIDS derivative names in ``names``). An input is a NIfTI file, or a DICOM ``series``; ``contrast``
     is what the source says (series parameters, BIDS suffix), with ``contrast_note`` saying why;
-    ``brain_mask`` is the user's mask file or folder of masks named like the scans (``--brain-mask``)."""
+    ``brain_mask`` is the user's mask file or folder of masks named like the scans (``--brain-mask``);
+    ``t1_for_mask`` is where a T2/FLAIR head's brain mask comes from (``--t1-for-mask``): ``auto`` (a
+    T1 of the same session found beside the scan), ``none`` (deepbet on the scan itself) or a T1 file."""
 
     path: Path
     stem: str
@@ -47,6 +51,7 @@ class ScanTask:
     source: tuple[tuple[str, Any], ...] = ()
     max_bytes: int | None = None  # memory budget of the volume (None: anomaly.volume.max_volume_bytes())
     brain_mask: Path | None = None
+    t1_for_mask: str = "auto"
 
     def output(self, kind: str) -> Path:
         for name_kind, relative in self.names:
@@ -98,7 +103,9 @@ def load_and_prepare(task: ScanTask, model: SliceModel, settings: ScoringSetting
         volume = load_series(task.series) if task.series is not None else load_volume(task.path, max_bytes=task.max_bytes)
         check_model_grid(volume, settings, model, task.max_bytes)
         user_mask = find_user_mask(task.brain_mask, task.path) if task.brain_mask is not None else None
-        prepared = prepare_scan(volume, settings.preprocess, model.input_spec, user_mask=user_mask)
+        contrast = scan_contrast(task, settings)
+        prepared = prepare_scan(volume, settings.preprocess, model.input_spec, user_mask=user_mask,
+                                contrast=contrast, session_t1=session_t1_for(task, contrast))
         if settings.preprocess.contrast == "auto" and (task.series is not None or task.contrast is not None):
             prepared.contrast = task.contrast
         return Loaded(task, volume, prepared, seconds=time.perf_counter() - t0)
@@ -112,6 +119,26 @@ def load_and_prepare(task: ScanTask, model: SliceModel, settings: ScoringSetting
     except Exception as exc:  # noqa: BLE001 - one bad file must never stop the batch
         return Loaded(task, error=f"{task.path}: unexpected error while reading: {exc!r}; "
                                   "report it with this file if it persists", seconds=time.perf_counter() - t0)
+
+
+def scan_contrast(task: ScanTask, settings: ScoringSettings) -> str | None:
+    """The contrast the scan is scored as: the setting, else what its source or file name says."""
+    if settings.preprocess.contrast != "auto":
+        return settings.preprocess.contrast
+    return task.contrast or (guess_contrast(task.path) if task.series is None else None)
+
+
+def session_t1_for(task: ScanTask, contrast: str | None) -> Path | None:
+    """The T1 whose brain mask a T2/FLAIR scan uses (see ``ScanTask.t1_for_mask``), or None."""
+    if contrast not in ("t2", "flair") or task.t1_for_mask == "none":
+        return None
+    if task.t1_for_mask == "auto":
+        return find_session_t1(task.path) if task.series is None else None
+    path = Path(task.t1_for_mask)
+    if not path.is_file():
+        raise VolumeError(path, "the T1 named by --t1-for-mask was not found",
+                          "check the path, or use --t1-for-mask auto|none")
+    return path
 
 
 MODEL_GRID_COPIES = 4

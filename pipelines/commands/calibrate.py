@@ -123,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
                                   scan_target_fpr=args.scan_target_fpr, labels_dir=args.labels,
                                   healthy_without_labels=args.healthy_without_labels, out_dir=args.out,
                                   min_volume_ml=args.min_volume_ml, n_bootstrap=args.bootstrap, seed=args.seed,
-                                  progress=not args.quiet, brain_mask=args.brain_mask)
+                                  progress=not args.quiet, brain_mask=args.brain_mask,
+                                  t1_for_mask=args.t1_for_mask)
     except (CalibrateError, CalibrationError, VolumeError) as exc:
         raise UserError(f"calibration refused: {str(exc).replace('n_bootstrap=0', '--bootstrap 0')}") from exc
     finally:

@@ -92,6 +92,10 @@ def add_raw_input_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--brain-mask", metavar="FILE|FOLDER",
                    help="use your own brain masks: one mask file, or a folder of masks named like the scans "
                         "(<name>.nii.gz, <name>_mask.nii.gz, <name>_brain_mask.nii.gz ...) on the scans' grids")
+    p.add_argument("--t1-for-mask", metavar="auto|none|FILE", default="auto",
+                   help="where the brain mask of a T2/FLAIR head comes from: auto (default) carries over the mask of "
+                        "a T1 of the same session found beside the scan (BIDS *_T1w, or t1 in place of t2/flair in "
+                        "the name), FILE names that T1, none runs deepbet on the scan itself")
     p.add_argument("--register", choices=("none", "mni"),
                    help="mni: register each scan to the MNI152 template (ANTsPy) before the model; maps still come "
                         "back on the input grid and findings get atlas regions (default none)")

@@ -28,7 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "<folder>_s<series number>_<description>; its contrast is read from the series.",
                    "anomaly score data/sample --out results/demo --csv results/demo/scores.csv\n"
                    "  anomaly score /pacs/export/study42 study43.zip --out results/pacs --model intensity\n"
-                   "  anomaly score raw_heads/ --out results/raw --skull-strip auto --register mni --calibration demo")
+                   "  anomaly score raw_heads/ --out results/raw --skull-strip auto --register mni --calibration demo\n"
+                   "  anomaly score s01/flair.nii.gz --out results/flair --t1-for-mask s01/t1.nii.gz")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="NIfTI files, DICOM folders, zip archives of DICOM files, or folders of them (searched "
                         "recursively)")
@@ -127,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
         summary = score_batch(args.inputs, args.out, model, store, settings, calibration=args.calibration,
                               force_calibration=args.force_calibration, executor=make_executor(args),
                               csv_path=args.csv, progress=not args.quiet, atlas=atlas,
-                              patient_salt=patient_salt(), max_bytes=max_bytes, brain_mask=args.brain_mask)
+                              patient_salt=patient_salt(), max_bytes=max_bytes, brain_mask=args.brain_mask,
+                              t1_for_mask=args.t1_for_mask)
     finally:
         store.close()
     ok, failed, skipped = summary.count("ok"), summary.count("failed"), summary.count("skipped")

@@ -1,7 +1,7 @@
 """Scoring throughput on real brains: sequential vs read-ahead executor, fp32 vs bf16.
 
 Prints seconds per brain for each variant and ratios against the sequential fp32 baseline run in the
-same process. Usage: python benchmarks/scoring_speed.py [--model default] [--n 4] [DATA_DIR]
+same process. Usage: python benchmarks/scoring_speed.py [--model default] [--n 4] [--compare latent-healer] [DATA_DIR]
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--n", type=int, default=3)
     parser.add_argument("--bf16", action="store_true", help="time bf16 even where the CPU has no bf16 units")
+    parser.add_argument("--compare", nargs="*", default=[], metavar="MODEL",
+                        help="also time these models (sequential fp32), as ratios against --model")
     args = parser.parse_args()
     paths = brains(Path(args.data), args.n)
     out = Path(os.environ.get("TMPDIR", "/tmp")) / "anomaly-bench"
@@ -67,6 +69,10 @@ def main() -> None:
     for label, precision, ahead in variants:
         t = run(paths, args.model, precision, ahead, out)
         print(f"{label:17s} {t:6.2f} s/brain   {base / t:4.2f}x")
+    for other in args.compare:
+        run(paths[:1], other, "fp32", False, out)
+        t = run(paths, other, "fp32", False, out)
+        print(f"{other} fp32: {t:6.2f} s/brain   {base / t:4.2f}x (of {args.model}'s speed)")
 
 
 if __name__ == "__main__":

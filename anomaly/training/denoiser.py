@@ -18,7 +18,7 @@ from anomaly.training.common import Logger, TrainResult, seed_everything
 from anomaly.training.config import DenoiserTrainConfig
 from anomaly.training.data import SliceSet
 from anomaly.training.healer import contrast_labels, sampling_weights
-from anomaly.training.loop import LoopSettings, TrainingLoop, ema_weights
+from anomaly.training.loop import LoopSettings, TrainingLoop, ema_weights, optimise
 from anomaly.training.vae import coarse_noise, random_crops
 
 CHECKPOINT = "denoiser_checkpoint.pt"
@@ -110,11 +110,7 @@ def train_denoiser(train: SliceSet, val: SliceSet | None, config: DenoiserTrainC
             labels = all_y[picks].clone()
             labels[torch.rand(len(labels), generator=generator) < config.uncond_prob] = len(classes)
         loss = denoise_loss(model, clean, masks, config, generator, labels, crop=crop)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        ema.step(unet.parameters())
+        optimise(loss, unet, optimizer, ema)
         return {"mse": float(loss.detach())}
 
     def validate() -> dict[str, float]:

@@ -19,7 +19,7 @@ from anomaly.training.augment import AugmentConfig, augment_batch, build_augment
 from anomaly.training.common import Logger, TrainResult, seed_everything
 from anomaly.training.config import HealerTrainConfig
 from anomaly.training.data import SliceSet
-from anomaly.training.loop import LoopSettings, TrainingLoop, ema_weights
+from anomaly.training.loop import LoopSettings, TrainingLoop, ema_weights, optimise
 from anomaly.training.vae import autocast
 
 CHECKPOINT = "healer_checkpoint.pt"
@@ -158,11 +158,7 @@ def train_healer(vae: AutoencoderKL, train: SliceSet, val: SliceSet | None, conf
             labels = train_y[picks].clone()
             labels[torch.rand(len(labels), generator=generator) < config.uncond_prob] = len(classes)
         loss = _epsilon_loss(unet, scheduler, train_z[picks], generator, config.bf16, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        ema.step(unet.parameters())
+        optimise(loss, unet, optimizer, ema)
         return {"mse": float(loss.detach())}
 
     def validate() -> dict[str, float]:

@@ -126,6 +126,18 @@ class TrainingLoop:
             "best_val": self.stopper.best, "bad_checks": self.stopper.bad_checks, **(extra() if extra else {})})
 
 
+def optimise(loss: torch.Tensor, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             ema: EMAModel | None = None, max_norm: float = 1.0) -> None:
+    """One optimiser step of every trainer: clear the gradients, back-propagate, clip their norm to
+    ``max_norm``, step, and move the EMA weights when there are any."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+    optimizer.step()
+    if ema is not None:
+        ema.step(module.parameters())
+
+
 @contextlib.contextmanager
 def ema_weights(ema: EMAModel, module: torch.nn.Module) -> Iterator[None]:
     """The module runs with its EMA weights inside the block (validation), its own weights after it."""

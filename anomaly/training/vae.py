@@ -16,7 +16,7 @@ from anomaly.training.augment import augment_batch, build_augmentation
 from anomaly.training.common import Logger, TrainResult, seed_everything
 from anomaly.training.config import VaeTrainConfig
 from anomaly.training.data import SliceSet
-from anomaly.training.loop import LoopSettings, TrainingLoop
+from anomaly.training.loop import LoopSettings, TrainingLoop, optimise
 
 CHECKPOINT = "vae_checkpoint.pt"
 
@@ -131,10 +131,7 @@ def train_vae(train: SliceSet, val: SliceSet | None, config: VaeTrainConfig, out
             noise = coarse_noise(clean, config.denoise_std, config.denoise_grid, generator)
             model_input = (clean + noise * (clean > 0)).clamp(0, 1)
         loss, parts = vae_loss(vae, clean, model_input, config, ssim, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
+        optimise(loss, vae, optimizer)
         return parts
 
     def keep_best() -> None:

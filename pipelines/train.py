@@ -76,21 +76,17 @@ def run_recipe(recipe: TrainRecipe, *, out: str | None = None, resume: bool = Tr
             raise FileNotFoundError(f"{vae_dir}: no trained VAE for the healer stage; run the recipe with "
                                     "stage: vae (or both) first, with the same out folder, or set vae_from")
         vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True)
-    if recipe.stage == "denoiser":
+    if recipe.stage != "vae":  # the restoration stage, in image space (denoiser) or in the latent (healer)
         prior = _previous_extra(folder)
-        result = train_denoiser(train, val, recipe.denoiser, work, slice_size=spec.slice_size, augment=recipe.vae.augment,
-                                seed=recipe.seed, resume=resume, progress=progress, log=log)
-        extra = {**prior, **extra, "denoiser_training": {"steps": result.step, "best_val_mse": result.best_val,
-                                                         "stopped": result.stopped}}
-        save_model_folder(folder, _for_saving(vae, recipe.save_fp16), name=recipe.name, input_spec=spec,
-                          restoration=_for_saving(result.model, recipe.save_fp16), map_config=map_config,
-                          extra=_json_safe(extra))
-    if recipe.stage in ("healer", "both"):
-        prior = _previous_extra(folder)
-        result = train_healer(vae, train, val, recipe.healer, work, augment=recipe.vae.augment, seed=recipe.seed,
-                              resume=resume, progress=progress, log=log)
-        extra = {**prior, **extra, "healer_training": {"steps": result.step, "best_val_mse": result.best_val,
-                                                       "stopped": result.stopped}}
+        if recipe.stage == "denoiser":
+            result = train_denoiser(train, val, recipe.denoiser, work, slice_size=spec.slice_size,
+                                    augment=recipe.vae.augment, seed=recipe.seed, resume=resume, progress=progress,
+                                    log=log)
+        else:
+            result = train_healer(vae, train, val, recipe.healer, work, augment=recipe.vae.augment, seed=recipe.seed,
+                                  resume=resume, progress=progress, log=log)
+        trained = {"steps": result.step, "best_val_mse": result.best_val, "stopped": result.stopped}
+        extra = {**prior, **extra, f"{'denoiser' if recipe.stage == 'denoiser' else 'healer'}_training": trained}
         save_model_folder(folder, _for_saving(vae, recipe.save_fp16), name=recipe.name, input_spec=spec,
                           restoration=_for_saving(result.model, recipe.save_fp16), map_config=map_config,
                           extra=_json_safe(extra))

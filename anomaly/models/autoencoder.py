@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -16,6 +16,8 @@ from anomaly.models.base import ModelIdentity, SliceModel, SliceOutput
 from anomaly.models.denoiser import ImageDenoiser
 from anomaly.models.restoration import LatentDiffusionHealer
 from anomaly.preprocess import InputSpec, PreparedVolume
+
+T = TypeVar("T", torch.Tensor, np.ndarray)
 
 
 @dataclass(frozen=True)
@@ -215,9 +217,9 @@ class AutoencoderSliceModel(SliceModel):
         if self.restoration is None or isinstance(self.restoration, ImageDenoiser):
             residual = _signed(difference, sign)
         combined = cfg.residual_weight_for(ctx.contrast) * residual + weight * above
-        if cfg.normalise != "none":
-            parts = {"residual": residual, "difference": difference, "intensity": above}
-            return SliceOutput(anomaly=combined, reconstruction=shown, parts=parts)
+        if cfg.normalise != "none":  # the whole-scan combination reads the term its normalisation needs
+            term = {"difference": difference} if cfg.normalise == "robust-signed" else {"residual": residual}
+            return SliceOutput(anomaly=combined, reconstruction=shown, parts={**term, "intensity": above})
         return SliceOutput(anomaly=combined, reconstruction=shown)
 
     def combine_parts(self, parts: dict[str, np.ndarray], prepared: PreparedVolume, context: Any = None) -> np.ndarray:
@@ -229,7 +231,7 @@ class AutoencoderSliceModel(SliceModel):
         weight = cfg.weight_for(ctx.contrast)
         if cfg.normalise == "robust-signed":
             z = robust_z(parts["difference"], prepared.mask)
-            out = cfg.residual_weight_for(ctx.contrast) * _signed_np(z, cfg.sign_for(ctx.contrast))
+            out = cfg.residual_weight_for(ctx.contrast) * _signed(z, cfg.sign_for(ctx.contrast))
             if weight:  # brightness above a floor keeps its zero and takes the spread of the whole image
                 scale_of = prepared.image if ctx.floor > 0 else None
                 out = out + weight * robust_z(parts["intensity"], prepared.mask, scale_of=scale_of)
@@ -249,20 +251,13 @@ class AutoencoderSliceModel(SliceModel):
         return ModelIdentity(name=self.name, weights_hash=self.weights_hash, config=_jsonable(config))
 
 
-def _signed(diff: torch.Tensor, sign: str) -> torch.Tensor:
+def _signed(diff: T, sign: str) -> T:
+    """The part of a difference (tensor or array) that the sign rule keeps: abs, positive or negative."""
     if sign == "positive":
-        return diff.clamp_min(0)
+        return diff.clip(min=0)
     if sign == "negative":
-        return (-diff).clamp_min(0)
-    return diff.abs()
-
-
-def _signed_np(diff: np.ndarray, sign: str) -> np.ndarray:
-    if sign == "positive":
-        return np.clip(diff, 0, None)
-    if sign == "negative":
-        return np.clip(-diff, 0, None)
-    return np.abs(diff)
+        return (-diff).clip(min=0)
+    return abs(diff)
 
 
 def _jsonable(value: Any) -> Any:

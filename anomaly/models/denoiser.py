@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
-from anomaly.configparse import load_json
+from anomaly.configparse import build, load_json
 from anomaly.models.restoration import HEALER_CONFIG
 
 DENOISER_KIND = "image-dae"
@@ -82,14 +82,11 @@ class ImageDenoiser(torch.nn.Module):
     def from_pretrained(cls, folder: str | os.PathLike[str], **overrides: Any) -> ImageDenoiser:
         folder = Path(folder)
         data = load_json(folder / HEALER_CONFIG, HEALER_CONFIG)
-        known = {f.name for f in fields(DenoiserConfig)}
+        known = {f.name for f in fields(DenoiserConfig)}  # healing overrides (t0, steps) do not apply here
         data.update({k: v for k, v in overrides.items() if v is not None and k in known})
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{folder / HEALER_CONFIG}: unknown key(s) {', '.join(unknown)}; "
-                             f"allowed: {', '.join(sorted(known))}")
+        config = build(DenoiserConfig, data, source=folder / HEALER_CONFIG)
         unet = UNet2DModel.from_pretrained(folder / "unet")
-        return cls(unet.eval(), DenoiserConfig(**data))
+        return cls(unet.eval(), config)
 
 
 def build_denoiser_unet(block_out_channels: tuple[int, ...], layers_per_block: int, slice_size: int,

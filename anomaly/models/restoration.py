@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
-from anomaly.configparse import load_json
+from anomaly.configparse import build, load_json
 
 if TYPE_CHECKING:
     from anomaly.models.denoiser import ImageDenoiser
@@ -100,14 +100,10 @@ class LatentDiffusionHealer(torch.nn.Module):
         folder = Path(folder)
         data = load_json(folder / HEALER_CONFIG, HEALER_CONFIG)
         data.update({k: v for k, v in overrides.items() if v is not None})
+        config = build(HealerConfig, data, source=folder / HEALER_CONFIG)
         unet = UNet2DModel.from_pretrained(folder / "unet")
         scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
-        known = {f.name for f in fields(HealerConfig)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{folder / HEALER_CONFIG}: unknown key(s) {', '.join(unknown)}; "
-                             f"allowed: {', '.join(sorted(known))}")
-        return cls(unet.eval(), scheduler, HealerConfig(**data))
+        return cls(unet.eval(), scheduler, config)
 
 
 def load_restoration(folder: str | os.PathLike[str], **overrides: Any) -> LatentDiffusionHealer | ImageDenoiser:

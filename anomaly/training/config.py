@@ -106,7 +106,9 @@ class DenoiserTrainConfig:
     ``noise_std`` bounds on a ``noise_grid`` x ``noise_grid`` grid, upsampled, inside the brain), after
     the recipe's augmentation; MSE loss, EMA weights. Class conditioning as for the healer. ``crop_size``
     and ``crop_until_step`` train on random crops first (cheaper), as for the VAE, then on whole slices
-    in batches of ``full_batch_size``."""
+    in batches of ``full_batch_size``. ``blob_probability`` > 0 also paints synthetic lesion blobs
+    (:mod:`anomaly.training.blobs`: ``blob_count`` per slice, ``blob_radius_px`` in model pixels) into that
+    share of the slices before the noise, so the network learns to replace whole regions, not only noise."""
 
     block_out_channels: tuple[int, ...] = (16, 32, 64, 128)
     layers_per_block: int = 1
@@ -125,11 +127,21 @@ class DenoiserTrainConfig:
     class_conditional: bool = True
     uncond_prob: float = 0.15
     balance_contrasts: bool = True
+    blob_probability: float = 0.0
+    blob_count: tuple[int, int] = (1, 3)
+    blob_radius_px: tuple[float, float] = (3.0, 20.0)
 
     def __post_init__(self) -> None:
         low, high = (float(v) for v in self.noise_std)
         if not 0 <= low <= high:
             raise ConfigError(f"denoiser.noise_std must be [low, high] with 0 <= low <= high, not {list(self.noise_std)}")
+        if not 0 <= self.blob_probability <= 1:
+            raise ConfigError(f"denoiser.blob_probability must lie in [0, 1], not {self.blob_probability}")
+        if not 1 <= int(self.blob_count[0]) <= int(self.blob_count[1]):
+            raise ConfigError(f"denoiser.blob_count must be [low, high] with 1 <= low <= high, not {list(self.blob_count)}")
+        if not 0 < float(self.blob_radius_px[0]) <= float(self.blob_radius_px[1]):
+            raise ConfigError("denoiser.blob_radius_px must be [low, high] pixels with 0 < low <= high, "
+                              f"not {list(self.blob_radius_px)}")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from diffusers.training_utils import EMAModel
 from anomaly.contrast import CONTRASTS
 from anomaly.models.denoiser import DenoiserConfig, ImageDenoiser, build_denoiser_unet
 from anomaly.training.augment import AugmentConfig, augment_batch, build_augmentation
+from anomaly.training.blobs import BlobSettings, paint_blobs
 from anomaly.training.common import Logger, TrainResult, seed_everything
 from anomaly.training.config import DenoiserTrainConfig
 from anomaly.training.data import SliceSet
@@ -26,7 +27,12 @@ CHECKPOINT = "denoiser_checkpoint.pt"
 
 def corrupt(x: torch.Tensor, mask: torch.Tensor, config: DenoiserTrainConfig,
             generator: torch.Generator) -> torch.Tensor:
-    """Slices plus coarse Gaussian noise inside the brain, one noise level per slice between the bounds."""
+    """Slices plus coarse Gaussian noise inside the brain, one noise level per slice between the bounds;
+    with ``blob_probability`` > 0, synthetic lesion blobs are painted into some slices first."""
+    if config.blob_probability > 0:
+        settings = BlobSettings(config.blob_probability, tuple(int(c) for c in config.blob_count),  # type: ignore[arg-type]
+                                tuple(float(r) for r in config.blob_radius_px))  # type: ignore[arg-type]
+        x = paint_blobs(x, mask, settings, generator)
     low, high = (float(v) for v in config.noise_std)
     std = low + (high - low) * torch.rand((x.shape[0], 1, 1, 1), generator=generator)
     noise = coarse_noise(x, 1.0, config.noise_grid, generator) * std

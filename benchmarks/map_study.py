@@ -48,18 +48,45 @@ CHOICE_SET = [
 
 
 @torch.inference_mode()
-def components(model, path: Path, label: Path, t0s: tuple[int, ...], draws: int) -> dict[str, np.ndarray]:  # noqa: ANN001
+def image_components(restoration, prepared, contrast: str | None, iterations: int,  # noqa: ANN001
+                     noise_draws: int) -> dict[str, np.ndarray]:
+    """Image-space restorations: ``restored`` (one pass), ``restored_it{k}`` (the restoration applied k
+    times) and ``restored_nd{n}`` (the mean over n restorations of copies with the training's coarse noise
+    at its middle level added inside the brain: a noise-draw ensemble)."""
+    from anomaly.training.vae import coarse_noise
+
+    keys = ["restored", *(f"restored_it{k}" for k in range(2, iterations + 1))]
+    keys += [f"restored_nd{noise_draws}"] if noise_draws > 0 else []
+    out = {key: np.zeros_like(prepared.image) for key in keys}
+    config = restoration.config
+    std = float(np.mean(config.noise_std))
+    for start in range(0, len(prepared.slices), 32):
+        index = prepared.slices[start:start + 32]
+        x = slices_to_batch(prepared.image, index).clamp(0, 1)
+        brain = slices_to_batch(prepared.mask.astype(np.float32), index)
+        y = restoration.restore(x, contrast=contrast, mask=brain)
+        out["restored"][:, :, index] = batch_to_slices(y)
+        for k in range(2, iterations + 1):
+            y = restoration.restore(y, contrast=contrast, mask=brain)
+            out[f"restored_it{k}"][:, :, index] = batch_to_slices(y)
+        if noise_draws > 0:
+            generator = torch.Generator().manual_seed(start)
+            total = torch.zeros_like(x)
+            for _ in range(noise_draws):
+                noisy = x + coarse_noise(x, 1.0, config.noise_grid, generator) * std * brain
+                total += restoration.restore(noisy.clamp(0, 1), contrast=contrast, mask=brain)
+            out[f"restored_nd{noise_draws}"][:, :, index] = batch_to_slices(total / noise_draws)
+    return out
+
+
+def components(model, path: Path, label: Path, t0s: tuple[int, ...], draws: int, iterations: int = 1,  # noqa: ANN001
+               noise_draws: int = 0) -> dict[str, np.ndarray]:
     """x, brain mask, truth, reconstruction and healed decodes (``healed{t0}_{draw}``) on the model grid."""
     prepared = prepare_volume(load_volume(path), PreprocessConfig(), model.input_spec)
     out = {"x": prepared.image.copy(), "brain": prepared.mask, "truth": lesion_on_grid(label, prepared)}
     contrast = guess_contrast(path)
     if getattr(model.restoration, "space", "latent") == "image":  # image-space restoration of the input
-        out["restored"] = np.zeros_like(prepared.image)
-        for start in range(0, len(prepared.slices), 32):
-            index = prepared.slices[start:start + 32]
-            x = slices_to_batch(prepared.image, index).clamp(0, 1)
-            out["restored"][:, :, index] = batch_to_slices(model.restoration.restore(x, contrast=contrast))
-        return out
+        return out | image_components(model.restoration, prepared, contrast, iterations, noise_draws)
     out["recon"] = np.zeros_like(prepared.image)
     keys = [f"healed{t0}_{d}" for t0 in t0s for d in range(draws)]
     for key in keys:
@@ -83,12 +110,13 @@ def components(model, path: Path, label: Path, t0s: tuple[int, ...], draws: int)
 
 
 def cached_components(model, model_dir: str, cache: Path, path: Path, label: Path, t0s: tuple[int, ...],  # noqa: ANN001
-                      draws: int) -> dict[str, np.ndarray]:
-    key = hashlib.sha256(f"{Path(model_dir).resolve()}|{path}|{t0s}|{draws}".encode()).hexdigest()[:16]
+                      draws: int, iterations: int = 1, noise_draws: int = 0) -> dict[str, np.ndarray]:
+    extra = f"|it{iterations}|nd{noise_draws}" if iterations > 1 or noise_draws else ""
+    key = hashlib.sha256(f"{Path(model_dir).resolve()}|{path}|{t0s}|{draws}{extra}".encode()).hexdigest()[:16]
     file = cache / f"{key}.npz"
     if file.is_file():
         return dict(np.load(file))
-    comp = components(model, path, label, t0s, draws)
+    comp = components(model, path, label, t0s, draws, iterations, noise_draws)
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(file, **{k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in comp.items()})
     return {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in comp.items()}
@@ -108,10 +136,10 @@ def residual(c: dict[str, np.ndarray], t0: int, sign: str, draws: int) -> np.nda
     return total / draws
 
 
-def signed_z(c: dict[str, np.ndarray], sign: str) -> np.ndarray:
+def signed_z(c: dict[str, np.ndarray], sign: str, restored: str = "restored") -> np.ndarray:
     """The signed difference (input minus restored) z-scored over the brain, then the sign kept: the
     spread of healthy tissue is measured before clipping, where it is stable."""
-    z = robust_z(c["x"] - c["restored"], c["brain"])
+    z = robust_z(c["x"] - c[restored], c["brain"])
     return np.abs(z) if sign == "abs" else np.clip(z if sign == "pos" else -z, 0, None)
 
 
@@ -140,6 +168,10 @@ def build_rules(t0s: tuple[int, ...], draws: int, rules_for: tuple[str, ...] = (
                         + w * robust_z(intensity_term(c, 99), c["brain"], scale_of=c["x"]))
                 if "restored" in rules_for:
                     rules[f"zs({tag})"] = lambda c, s=sign: signed_z(c, s)
+                    for variant in (v for v in rules_for if v.startswith("restored_")):
+                        rules[f"zs_{variant[9:]}({tag})"] = lambda c, s=sign, v=variant: signed_z(c, s, v)
+                        rules[f"zs_{variant[9:]}({tag})+4.0z(x)"] = lambda c, s=sign, v=variant: (
+                            signed_z(c, s, v) + 4.0 * robust_z(c["x"], c["brain"]))
                     for w in (0.25, 0.5, 1.0, 2.0, 4.0):
                         rules[f"zs({tag})+{w}z(x)"] = lambda c, s=sign, w=w: signed_z(c, s) + w * robust_z(c["x"], c["brain"])
                 rules[f"{tag}+1.5x"] = lambda c, t0=t0, s=sign, n=n: residual(c, t0, s, n) + 1.5 * c["x"]
@@ -191,6 +223,9 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--rules", nargs="*", default=None, help="only these rules (default: all)")
     parser.add_argument("--out", default=None, help="write the table as CSV here")
+    parser.add_argument("--iterations", type=int, default=1, help="image space: also the restoration applied 2..N times")
+    parser.add_argument("--noise-draws", type=int, default=0,
+                        help="image space: also the mean restoration of N copies with coarse noise added")
     parser.add_argument("--patients", type=int, default=len(CHOICE_SET), help="only the first N patients of the set")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -198,7 +233,9 @@ def main() -> None:
     model = load_model(args.model, precision=args.precision)
     t0s = tuple(args.t0) if getattr(model.restoration, "space", "latent") == "latent" else (0,)
     image = getattr(model.restoration, "space", "latent") == "image"
-    rules = build_rules(t0s, args.draws, ("restored",) if image else ())
+    variants = [f"restored_it{k}" for k in range(2, args.iterations + 1)]
+    variants += [f"restored_nd{args.noise_draws}"] if args.noise_draws else []
+    rules = build_rules(t0s, args.draws, ("restored", *variants) if image else ())
     if args.rules:
         rules = {k: v for k, v in rules.items() if k in set(args.rules)}
     post = PostprocessConfig()
@@ -208,7 +245,8 @@ def main() -> None:
         folder = Path(args.data) / dataset / case
         for contrast in contrasts:
             comp = cached_components(model, args.model, Path(args.cache), folder / f"{contrast}.nii.gz",
-                                     folder / f"{label}.nii.gz", t0s, args.draws)
+                                     folder / f"{label}.nii.gz", t0s, args.draws, args.iterations,
+                                     args.noise_draws)
             group = "T1" if contrast == "t1" else contrast.upper()
             for name, rule in rules.items():
                 grid, scored = postprocess(rule(comp).astype(np.float32), comp["brain"], post, (1.5, 1.5, 1.5))

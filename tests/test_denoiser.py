@@ -12,7 +12,7 @@ import torch
 
 from anomaly.models import load_model_folder, save_model_folder
 from anomaly.models.autoencoder import MapConfig
-from anomaly.models.denoiser import ImageDenoiser
+from anomaly.models.denoiser import DenoiserConfig, ImageDenoiser, build_denoiser_unet
 from anomaly.preprocess import InputSpec
 from anomaly.scoring import score_volume
 from anomaly.training.augment import AugmentConfig
@@ -91,3 +91,21 @@ def test_denoiser_recipe_is_typed_and_checks_its_noise(tmp_path: Path) -> None:
         load_recipe(recipe)
     shipped = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "train" / "default.yaml")
     assert shipped.stage == "denoiser" and "ms-open/patient26" in shipped.data.exclude
+
+
+def test_restore_keeps_a_dark_lesion_inside_the_brain_mask() -> None:
+    """A lesion darker than the brain's lowest percentile is scaled to zero: with the brain mask it is
+    restored (and can show in the map); judged by non-zero pixels alone it would count as background."""
+    torch.manual_seed(0)
+    unet = build_denoiser_unet((8, 16), 1, 32, 2)
+    model = ImageDenoiser(unet.eval(), DenoiserConfig(classes=("t1",)))
+    brain = torch.zeros(1, 1, 32, 32)
+    brain[..., 4:28, 4:28] = 1
+    x = brain * 0.6
+    x[..., 12:18, 12:18] = 0.0  # the dark lesion, inside the brain
+    with torch.no_grad():
+        raw = model(x, torch.zeros(1, dtype=torch.long)).clamp(0, 1)
+    masked = model.restore(x, "t1", mask=brain)
+    assert torch.equal(masked[..., 12:18, 12:18], raw[..., 12:18, 12:18]) and float(masked[..., 12:18, 12:18].max()) > 0
+    assert float(masked[brain == 0].abs().max()) == 0.0
+    assert float(model.restore(x, "t1")[..., 12:18, 12:18].abs().max()) == 0.0

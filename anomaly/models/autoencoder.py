@@ -184,7 +184,7 @@ class AutoencoderSliceModel(SliceModel):
 
     @torch.inference_mode()
     def score_slices(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                     context: Any = None) -> SliceOutput:
+                     context: Any = None, mask: torch.Tensor | None = None) -> SliceOutput:
         ctx = context if isinstance(context, ScanContext) else ScanContext(floor=float(context or 0.0))
         cfg = self.map_config
         weight = cfg.weight_for(ctx.contrast)
@@ -199,7 +199,9 @@ class AutoencoderSliceModel(SliceModel):
             elif isinstance(self.restoration, ImageDenoiser):
                 # image-space restoration: the VAE only runs when the map compares against its reconstruction
                 reference = x if cfg.reference == "input" else self._reconstruct(x)[1]
-                shown = self.restoration.restore(reference.to(self.device), contrast=ctx.contrast).float().cpu()
+                brain = mask.to(self.device) if mask is not None else None
+                shown = self.restoration.restore(reference.to(self.device), contrast=ctx.contrast,
+                                                 mask=brain).float().cpu()
                 difference = reference - shown
             else:
                 z, recon = self._reconstruct(x)

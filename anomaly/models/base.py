@@ -42,8 +42,9 @@ class SliceModel(ABC):
 
     @abstractmethod
     def score_slices(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                     context: Any = None) -> SliceOutput:
-        """Anomaly maps for one batch of slices; ``context`` is what :meth:`volume_context` gave for their scan."""
+                     context: Any = None, mask: torch.Tensor | None = None) -> SliceOutput:
+        """Anomaly maps for one batch of slices; ``context`` is what :meth:`volume_context` gave for their scan,
+        ``mask`` their brain mask (> 0.5 is brain; without it, non-zero pixels are the brain)."""
 
     @property
     def uses_contrast(self) -> bool:

@@ -64,14 +64,16 @@ class ImageDenoiser(torch.nn.Module):
         return x + self.unet(x * 2 - 1, t, class_labels=labels).sample / 2
 
     @torch.inference_mode()
-    def restore(self, x: torch.Tensor, contrast: str | None = None) -> torch.Tensor:
+    def restore(self, x: torch.Tensor, contrast: str | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The healthy version of a batch of slices ``[B, 1, H, W]`` in [0, 1] (of ``contrast`` when the
-        UNet is class-conditional), clipped to [0, 1] and zero where the input is zero (outside the brain)."""
+        UNet is class-conditional), clipped to [0, 1] and zero outside the brain: ``mask`` > 0.5 when given,
+        else the non-zero input. Give the mask: a lesion darker than the brain's lowest percentile is
+        scaled to zero, and without the mask it would count as outside the brain and never show."""
         labels = None
         if self.config.classes:
             labels = torch.full((x.shape[0],), self.config.class_index(contrast), dtype=torch.long, device=x.device)
         out = self(x.float(), labels).clamp(0, 1)
-        return out * (x > 0)
+        return out * ((mask > 0.5) if mask is not None else (x > 0))
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
         folder = Path(folder)

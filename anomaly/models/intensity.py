@@ -19,7 +19,7 @@ class IntensityBaseline(SliceModel):
         self.input_spec = input_spec or InputSpec(slice_size=192, spacing=(1.0, 1.0, 1.0))
 
     def score_slices(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                     context: Any = None) -> SliceOutput:
+                     context: Any = None, mask: torch.Tensor | None = None) -> SliceOutput:
         return SliceOutput(anomaly=x.clone(), reconstruction=None)
 
     def identity(self) -> ModelIdentity:

@@ -1,0 +1,157 @@
+"""Leave-patients-out folds: the restoration stage of a recipe retrained without some shared patients and
+measured on their lesions, beside intensity thresholding, so a decision never rests on one patient.
+
+The lesion patients of the shared data outside the evaluation cases are split into K folds. For each
+fold the denoiser is trained on the recipe's healthy slices minus every slice of the fold's patients
+(MNI152, IXI and the other patients stay), at a fixed step budget, and kept with the recipe's VAE and
+map rule; then the fold's patients are scored as ``benchmarks/detection.py`` does. Prints each fold's
+figures per contrast and, per contrast, the mean and [min, max] over folds. Not a test. Usage:
+python benchmarks/folds.py [--recipes configs/train/default.yaml OTHER.yaml] [--folds 3] [--steps 600]
+(several recipes are compared at the same budget on the same folds; they must share their data list)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from detection import Case, evaluate  # noqa: E402
+
+from anomaly.config import ScoringSettings  # noqa: E402
+from anomaly.models import save_model_folder  # noqa: E402
+from anomaly.training.config import load_recipe  # noqa: E402
+from anomaly.training.data import SliceSet, matches_exclusion  # noqa: E402
+from anomaly.training.denoiser import train_denoiser  # noqa: E402
+from anomaly.volume import load_mask, load_volume  # noqa: E402
+from pipelines.train import gather_slices, input_spec  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+LABELS = {"ms-open": "lesion_mask", "brats2013": "tumor_labels", "brats2018": "tumor_labels"}
+
+
+def lesion_patients(root: Path, held_out: list[str]) -> list[str]:
+    """``dataset/case`` of every shared lesion patient that is not an evaluation case, sorted."""
+    found = []
+    for dataset, label in LABELS.items():
+        for folder in sorted((root / dataset).glob("*")):
+            name = f"{dataset}/{folder.name}"
+            if (folder / f"{label}.nii.gz").is_file() and matches_exclusion(name, held_out) is None:
+                found.append(name)
+    return found
+
+
+def patient_cases(root: Path, patients: list[str]) -> list[Case]:
+    """The T1, T2 and FLAIR scans of ``patients`` with their lesion masks, grouped by dataset and contrast."""
+    cases = []
+    for patient in patients:
+        dataset = patient.split("/")[0]
+        truth = load_mask(root / patient / f"{LABELS[dataset]}.nii.gz")
+        for contrast in ("t1", "t2", "flair"):
+            path = root / patient / f"{contrast}.nii.gz"
+            if path.is_file():
+                cases.append(Case(f"{dataset} {contrast.upper()}", f"{patient}/{contrast}", load_volume(path), truth))
+    return cases
+
+
+def without(slices: SliceSet, patients: list[str]) -> SliceSet:
+    """The slices whose volume belongs to none of ``patients``."""
+    keep = [i for i, case in enumerate(slices.cases) if matches_exclusion(case, patients) is None]
+    index = torch.as_tensor(keep, dtype=torch.long)
+    return SliceSet(slices.images[index], slices.masks[index], [slices.cases[i] for i in keep],
+                    [slices.contrasts[i] for i in keep])
+
+
+def train_fold(recipe, slices: SliceSet, patients: list[str], steps: int, out: Path) -> Path:  # noqa: ANN001
+    """The recipe's denoiser trained for ``steps`` without ``patients``; its model folder."""
+    folder = out / "model"
+    if (folder / "anomaly_model.json").is_file():
+        return folder
+    config = replace(recipe.denoiser, max_steps=steps, crop_until_step=int(steps * 2 / 3), val_every=steps,
+                     max_minutes=0)
+    result = train_denoiser(without(slices, patients), None, config, out, slice_size=recipe.data.slice_size,
+                            augment=recipe.vae.augment, seed=recipe.seed, progress=False)
+    vae = AutoencoderKL.from_pretrained(recipe.vae_from, local_files_only=True)
+    save_model_folder(folder, vae.half(), name=f"fold-{out.name}", input_spec=input_spec(recipe),
+                      restoration=result.model.half(), map_config=recipe.map,
+                      extra={"left_out_patients": patients, "steps": result.step})
+    return folder
+
+
+def summarise(per_fold: list[dict[str, dict[str, dict[str, float]]]]) -> None:
+    """Per contrast and model: pooled AUPRC and best Dice of each fold, their mean and [min, max]."""
+    print("\n## Over folds (pooled within each fold; mean [min, max] over folds)")
+    print("| contrast | model | voxel AUPRC pooled | best Dice pooled | AUPRC per scan, mean over all scans | folds |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    groups = sorted({g for fold in per_fold for table in fold.values() for g in table if g.startswith("all")})
+    for group in groups:
+        for model in dict.fromkeys(m for fold in per_fold for m in fold):
+            rows = [fold[model][group] for fold in per_fold if group in fold.get(model, {})]
+            if not rows:
+                continue
+            ap, dice = [r["auprc"] for r in rows], [r["dice*"] for r in rows]
+            scans = np.average([r["scan_auprc_mean"] for r in rows], weights=[r["n"] for r in rows])
+            print(f"| {group.removeprefix('all real lesions ')} | {model} | {np.mean(ap):.3f} [{min(ap):.3f}, "
+                  f"{max(ap):.3f}] | {np.mean(dice):.3f} [{min(dice):.3f}, {max(dice):.3f}] | {scans:.3f} | "
+                  f"{len(rows)} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="+", default=["configs/train/default.yaml"])
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=600, help="training steps per fold (two thirds on crops)")
+    parser.add_argument("--slices", default=None, help="a run folder holding the recipes' slices.pt cache")
+    parser.add_argument("--out", default="runs/folds")
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    recipes = {Path(path).stem: load_recipe(path) for path in args.recipes}
+    first = next(iter(recipes.values()))
+    for name, recipe in recipes.items():
+        if recipe.stage != "denoiser" or recipe.data != first.data:
+            raise SystemExit(f"{name}: folds retrain the denoiser stage of recipes that share one data list")
+    train, val = gather_slices(first, Path(args.slices or first.out), progress=False)
+    slices = SliceSet(torch.cat([train.images, val.images]) if val else train.images,
+                      torch.cat([train.masks, val.masks]) if val else train.masks,
+                      train.cases + (val.cases if val else []), train.contrasts + (val.contrasts if val else []))
+    patients = lesion_patients(Path(args.data), list(first.data.all_excluded))
+    print(f"# leave-patients-out folds, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+          f"{platform.processor() or platform.machine()}, {args.threads} threads, {args.steps} steps per fold, "
+          f"{len(patients)} patients in {args.folds} folds, recipes {', '.join(recipes)}")
+    settings = ScoringSettings()
+    per_fold = []
+    for k in range(args.folds):
+        left_out = patients[k::args.folds]
+        print(f"\n## Fold {k + 1}: left out {', '.join(left_out)}", flush=True)
+        cases = patient_cases(Path(args.data), left_out)
+        results = {}
+        for name, recipe in recipes.items():
+            t0 = time.perf_counter()
+            folder = train_fold(recipe, slices, left_out, args.steps, Path(args.out) / name / f"fold{k + 1}")
+            print(f"{name}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
+            results[name] = evaluate(str(folder), cases, settings)
+        results["intensity"] = evaluate("intensity", cases, settings)
+        for model, table in results.items():
+            for group in sorted(g for g in table if g.startswith("all")):
+                r = table[group]
+                print(f"fold {k + 1} {group} {model}: AUPRC pooled {r['auprc']:.3f}, best Dice pooled {r['dice*']:.3f}, "
+                      f"per scan {r['scan_auprc_mean']:.3f} [{r['scan_auprc_min']:.3f}, {r['scan_auprc_max']:.3f}] "
+                      f"(n={r['n']})", flush=True)
+        per_fold.append(results)
+    summarise(per_fold)
+
+
+if __name__ == "__main__":
+    main()

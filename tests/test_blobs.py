@@ -59,7 +59,7 @@ def test_recipe_checks_blob_settings(tmp_path: Path) -> None:
     loaded = load_recipe(recipe)
     assert loaded.denoiser.blob_probability == 0.5 and tuple(loaded.denoiser.blob_radius_px) == (2, 9)
     for bad, word in (("blob_probability: 1.5", "blob_probability"), ("blob_count: [3, 1]", "blob_count"),
-                      ("blob_radius_px: [0, 4]", "blob_radius_px")):
+                      ("blob_radius_px: [0, 4]", "blob_radius_px"), ("blob_from_step: -1", "blob_from_step")):
         recipe.write_text(f"name: x\nstage: denoiser\ndenoiser:\n  {bad}\n")
         with pytest.raises(ConfigError, match=word):
             load_recipe(recipe)

@@ -108,7 +108,8 @@ class DenoiserTrainConfig:
     and ``crop_until_step`` train on random crops first (cheaper), as for the VAE, then on whole slices
     in batches of ``full_batch_size``. ``blob_probability`` > 0 also paints synthetic lesion blobs
     (:mod:`anomaly.training.blobs`: ``blob_count`` per slice, ``blob_radius_px`` in model pixels) into that
-    share of the slices before the noise, so the network learns to replace whole regions, not only noise."""
+    share of the slices before the noise, so the network learns to replace whole regions, not only noise,
+    from step ``blob_from_step`` on (validation always includes them when they are on)."""
 
     block_out_channels: tuple[int, ...] = (16, 32, 64, 128)
     layers_per_block: int = 1
@@ -130,6 +131,7 @@ class DenoiserTrainConfig:
     blob_probability: float = 0.0
     blob_count: tuple[int, int] = (1, 3)
     blob_radius_px: tuple[float, float] = (3.0, 20.0)
+    blob_from_step: int = 0
 
     def __post_init__(self) -> None:
         low, high = (float(v) for v in self.noise_std)
@@ -139,6 +141,8 @@ class DenoiserTrainConfig:
             raise ConfigError(f"denoiser.blob_probability must lie in [0, 1], not {self.blob_probability}")
         if not 1 <= int(self.blob_count[0]) <= int(self.blob_count[1]):
             raise ConfigError(f"denoiser.blob_count must be [low, high] with 1 <= low <= high, not {list(self.blob_count)}")
+        if self.blob_from_step < 0:
+            raise ConfigError(f"denoiser.blob_from_step must be 0 or more, not {self.blob_from_step}")
         if not 0 < float(self.blob_radius_px[0]) <= float(self.blob_radius_px[1]):
             raise ConfigError("denoiser.blob_radius_px must be [low, high] pixels with 0 < low <= high, "
                               f"not {list(self.blob_radius_px)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -115,7 +116,8 @@ def train_denoiser(train: SliceSet, val: SliceSet | None, config: DenoiserTrainC
         if classes:
             labels = all_y[picks].clone()
             labels[torch.rand(len(labels), generator=generator) < config.uncond_prob] = len(classes)
-        loss = denoise_loss(model, clean, masks, config, generator, labels, crop=crop)
+        settings = config if index >= config.blob_from_step else replace(config, blob_probability=0.0)
+        loss = denoise_loss(model, clean, masks, settings, generator, labels, crop=crop)
         optimise(loss, unet, optimizer, ema)
         return {"mse": float(loss.detach())}
 

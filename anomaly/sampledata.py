@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from anomaly.fileio import write_text_atomic
-from anomaly.synth import KINDS, add_lesions
+from anomaly.synth import add_lesions
 from anomaly.volume import Volume, load_volume, save_nifti
 
 MNI_NAME = "mni152_2009c_t1"
@@ -26,6 +26,10 @@ MNI_GM_FILE = "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"
 MNI_WM_FILE = "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"
 COLIN_PATH = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
 LESIONS_PER_COPY = 3
+#: The sample brains are T1, and on T1 lesions are mostly darker than normal tissue (MS black holes,
+#: cysts, necrosis): the kind the shipped model's T1 map looks for. The other kinds of
+#: :mod:`anomaly.synth` (bright, mass, texture, swap) stay available to tests and benchmarks.
+SAMPLE_KINDS: tuple[str, ...] = ("hypointense",)
 LESION_RADIUS_MM = (4.0, 12.0)
 
 
@@ -134,7 +138,7 @@ def make_sample_data(out_dir: Path, *, include_colin: bool = True, n_lesion_copi
         for k, (lesion_path, label_path) in enumerate(pairs, start=1):
             if volume is not None and (lesion_path, label_path) in missing:
                 rng = np.random.default_rng([seed, zlib.crc32(source.name.encode()), k])
-                data, truth = add_lesions(volume.data, volume.data > 0, volume.spacing, kinds=KINDS,
+                data, truth = add_lesions(volume.data, volume.data > 0, volume.spacing, kinds=SAMPLE_KINDS,
                                           n=LESIONS_PER_COPY, seed=rng, radius_mm=LESION_RADIUS_MM)
                 save_nifti(truth, volume.affine, label_path, dtype=np.uint8)
                 save_nifti(data, volume.affine, lesion_path)
@@ -232,9 +236,9 @@ def _readme(sources: list[_Source], n_copies: int, seed: int, n_calibration: int
         "                                   gain, sub-voxel shift, noise) for label-free threshold calibration",
         "",
         f"Each lesion copy holds {LESIONS_PER_COPY} synthetic lesions (radius {LESION_RADIUS_MM[0]:g}-"
-        f"{LESION_RADIUS_MM[1]:g} mm) of these kinds: {', '.join(KINDS)}.",
-        "hyperintense/hypointense/mass change the intensity beyond the brain's normal range; texture and",
-        "swap keep it inside the 1st..99th percentile of the brain and only change the pattern.",
+        f"{LESION_RADIUS_MM[1]:g} mm) of these kinds: {', '.join(SAMPLE_KINDS)}: darker than any normal",
+        "tissue, as MS black holes, cysts and necrosis are on T1 (the kind a T1 map looks for; bright,",
+        "mass-like and in-range kinds are in anomaly.synth for tests and benchmarks).",
         f"They are generated deterministically (seed {seed}, {n_copies} copies per brain). The labels mark the",
         "voxels at or above half of each lesion's contrast. Synthetic lesions are a test aid, not pathology.",
         "",

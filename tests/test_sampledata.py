@@ -56,8 +56,11 @@ def test_make_sample_data_writes_brains_lesions_and_labels(tmp_path: Path) -> No
         assert count >= 3, "three lesions per copy"
         assert not (truth & ~brain).any(), "lesions lie inside the brain"
         changed = lesioned.data != healthy.data
-        assert not (changed & ~ndimage.binary_dilation(truth, iterations=3)).any()
+        # the soft edge spans 0.35 x the radius (up to 4.2 mm); the label marks its inner half
+        assert not (changed & ~ndimage.binary_dilation(truth, iterations=5)).any()
         assert np.abs(lesioned.data - healthy.data)[truth].mean() > 5
+        # T1 sample lesions are darker than the brain's normal tissue (what a T1 map looks for)
+        assert np.median(lesioned.data[truth]) < np.percentile(healthy.data[brain], 5)
 
     np.testing.assert_array_equal(load_volume(manifest.healthy[0]).data, load_mni152_brain()[0].data)
 

@@ -2,8 +2,9 @@
 recorded and skipped when already scored), read their maps and brain masks back, find the thresholds
 with :mod:`anomaly.calibration`, and save them with the data they came from.
 
-Maps are read one at a time while the library pools their brain voxels, so memory holds about one
-float32 per brain voxel of the calibration set plus one map, never every map at once.
+Maps are read one at a time while the library pools their brain voxels: one float32 per brain voxel
+of the calibration set up to 50 million of them (exact thresholds), fixed-size histograms read in a
+second pass above that (:mod:`anomaly.pooled`), plus one map; never every map at once.
 """
 
 from __future__ import annotations

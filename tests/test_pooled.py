@@ -3,6 +3,7 @@ healthy calibration forced past a small cap), and what is held does not grow wit
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,14 @@ def test_pool_drops_its_values_past_the_cap() -> None:
     assert not pool.exact and pool.held == 0 and pool.peak_held == 8 and (pool.n_pos, pool.n_neg) == (4, 9)
     with pytest.raises(ValueError, match="second pass"):
         pool.ranked()
+
+
+def test_cli_option_sets_the_cap(runs: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.cli import main
+
+    url, run_id, labels = runs[4]
+    assert main(["evaluate", "--db", url, "--run", str(run_id), "--labels", str(labels), "--out", str(tmp_path),
+                 "--healthy-without-labels", "--quiet", "--exact-voxels", "5,000"]) == 0
+    assert "bins of width" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["voxel"]["pooling"]["method"] == "binned" and summary["voxel"]["pooling"]["exact_cap"] == 5000

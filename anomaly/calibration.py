@@ -405,8 +405,9 @@ def _binned_healthy(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], poo
     voxel_draws = np.array([edge_threshold(hist.draw_edges, hist.draw_counts[b], _allowed(rate, int(n)))[0]
                             for b, n in enumerate(hist.draw_sizes)])
     scan_draws = np.empty(n_bootstrap)
-    for b in range(n_bootstrap if scan_rate is not None else 0):
-        scan_draws[b] = _score_threshold(scores[rng.integers(0, n_scans, n_scans)], scan_rate)[0]
+    if scan_rate is not None:
+        for b in range(n_bootstrap):
+            scan_draws[b] = _score_threshold(scores[rng.integers(0, n_scans, n_scans)], scan_rate)[0]
     width = float(hist.edges[1] - hist.edges[0])
     facts = {"method": "binned", "n_values": pool.n_neg, "exact_cap": pool.cap, "peak_values_held": pool.peak_held,
              "bins": int(hist.counts.size), "bin_width": width, "range": [floor, float(hist.edges[-1])],

@@ -89,6 +89,10 @@ class CurveMetrics:
         """Yield ``(thresholds, tp, fp)`` over the curve's thresholds in decreasing order."""
         raise NotImplementedError
 
+    def curve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(thresholds, tp, fp)`` at every threshold of the curve, decreasing thresholds."""
+        raise NotImplementedError
+
     def threshold_for_sensitivity(self, sensitivity: float) -> float:
         """Highest threshold whose sensitivity (TPR) is at least ``sensitivity``."""
         raise NotImplementedError

@@ -233,7 +233,9 @@ class TailHistograms:
             self._remaining -= weights
             drawn = np.flatnonzero(weights)
             coarse = counts.reshape(-1, self.group).sum(axis=1)
-            self.draw_counts[drawn] += weights[drawn, None] * coarse[None, :]
+            for start in range(0, drawn.size, 64):  # in blocks: the temporary stays small
+                rows = drawn[start : start + 64]
+                self.draw_counts[rows] += weights[rows, None] * coarse[None, :]
             self.draw_sizes += weights * int(values.size)
         self._seen += 1
 

@@ -20,6 +20,15 @@ Bootstrap: scans are drawn with replacement ``n_bootstrap`` times; each draw rec
 thresholds on its pooled voxels and scores by the rule above; the 95 % interval is the 2.5 and 97.5
 percentiles of the draws. Only the voxels at or above the lowest per-scan upper quantile can decide
 any draw's threshold (proved in :func:`_tail_floor`), so each draw costs a pass over that tail only.
+
+Memory: maps are read one at a time. Up to ``exact_cap`` pooled brain voxels (default 50 million) they
+are held and everything above is exact. Past it they are read a second time into fixed-size histograms
+(:mod:`anomaly.pooled`): the healthy threshold becomes the lower edge of the lowest non-empty bin over
+the tail (from the floor up) with at most ``k`` values at or above it, so the achieved rate still never
+exceeds the target and the threshold lies within one bin width of the exact one; the bootstrap draws
+are drawn as the scans stream by (exactly multinomial weights) into bins 16 times wider. The labelled
+calibration takes its Dice, operating points and AUROC/AUPRC from :class:`anomaly.pooled.BinnedScores`.
+The metrics' ``pooling`` entry says which way they were computed, and the bin width.
 """
 
 from __future__ import annotations

@@ -20,6 +20,15 @@ Bootstrap: scans are drawn with replacement ``n_bootstrap`` times; each draw rec
 thresholds on its pooled voxels and scores by the rule above; the 95 % interval is the 2.5 and 97.5
 percentiles of the draws. Only the voxels at or above the lowest per-scan upper quantile can decide
 any draw's threshold (proved in :func:`_tail_floor`), so each draw costs a pass over that tail only.
+
+Memory: maps are read one at a time. Up to ``exact_cap`` pooled brain voxels (default 50 million) they
+are held and everything above is exact. Past it they are read a second time into fixed-size histograms
+(:mod:`anomaly.pooled`): the healthy threshold becomes the lower edge of the lowest non-empty bin over
+the tail (from the floor up) with at most ``k`` values at or above it, so the achieved rate still never
+exceeds the target and the threshold lies within one bin width of the exact one; the bootstrap draws
+are drawn as the scans stream by (exactly multinomial weights) into bins 16 times wider. The labelled
+calibration takes its Dice, operating points and AUROC/AUPRC from :class:`anomaly.pooled.BinnedScores`.
+The metrics' ``pooling`` entry says which way they were computed, and the bin width.
 """
 
 from __future__ import annotations
@@ -39,12 +48,22 @@ from anomaly.configparse import ConfigError, build
 from anomaly.findings import Finding, drop_small_components, extract_findings
 from anomaly.jsonio import read_json, to_jsonable, write_json
 from anomaly.metrics import RankedScores, auroc, cast_thresholds
+from anomaly.pooled import (
+    DEFAULT_BINS,
+    DEFAULT_CAP,
+    TailHistograms,
+    ValuePool,
+    edge_threshold,
+    pooled_scores,
+    pooling_facts,
+)
 from anomaly.records import DEFAULT_MIN_VOLUME_ML, AppliedCalibrationNote, CalibrationData
 
 METHODS = ("healthy-fpr", "labelled-dice", "manual")
 MIN_VOXEL_EXCEEDANCES = 100
 MIN_BOOTSTRAP_SCANS = 2
 DEFAULT_SENSITIVITIES = (0.5, 0.8, 0.9, 0.95)
+_NO_VALUES = np.empty(0, dtype=np.float32)
 MAP_NEUTRAL_SETTINGS = frozenset({"batch_size", "save_reconstruction"})
 """Scoring settings that change speed or extra outputs, never the anomaly map a threshold applies to."""
 
@@ -329,31 +348,21 @@ def _percentile_ci(draws: np.ndarray) -> list[float]:
     return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
 
 
-def calibrate_healthy(
-    maps: Sequence[np.ndarray],
-    masks: Sequence[np.ndarray],
-    scan_scores: Sequence[float],
-    target_fpr: float,
-    scan_target_fpr: float | None = None,
-    n_bootstrap: int = 1000,
-    seed: int = 0,
-) -> Calibration:
-    """Voxel (and optionally scan) thresholds whose false-positive rate on healthy scans is at most the target.
+def _healthy_pass(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], rate: float, cap: int
+                  ) -> tuple[ValuePool, float, int]:
+    """First pass: the pooled brain values while they fit under ``cap``, the tail floor and the scan count."""
+    pool = ValuePool(cap)
+    floor, n_scans = math.inf, 0
+    for _, _, inside in _iter_brain_values(maps, masks):
+        floor = min(floor, _kth_largest(inside, _allowed(rate, inside.size) + 1))  # as _tail_floor, per scan
+        pool.add(_NO_VALUES, inside)
+        n_scans += 1
+    return pool, floor, n_scans
 
-    ``maps``/``masks`` are the healthy anomaly maps and their brain masks (same shapes), ``scan_scores``
-    one score per scan. See the module docstring for the exact threshold rule, refusals and bootstrap.
-    """
-    target_fpr = _check_rate(target_fpr, "target_fpr")
-    if scan_target_fpr is not None:
-        scan_target_fpr = _check_rate(scan_target_fpr, "scan_target_fpr")
-    values = [inside for _, _, inside in _iter_brain_values(maps, masks)]
-    n_scans = len(values)
-    scores = np.asarray(scan_scores, dtype=np.float64).reshape(-1)
-    if scores.size != n_scans:
-        raise CalibrationError(f"{scores.size} scan scores for {n_scans} maps; pass one score per scan")
-    if not np.isfinite(scores).all():
-        raise CalibrationError("scan scores hold NaN or infinite values; score the scans again")
-    n_voxels = int(sum(v.size for v in values))
+
+def _check_healthy_data(n_voxels: int, n_scans: int, target_fpr: float, scan_target_fpr: float | None,
+                        n_bootstrap: int) -> None:
+    """The refusals of a healthy calibration (module docstring), each naming what to change."""
     if n_voxels * target_fpr < MIN_VOXEL_EXCEEDANCES:
         needed = math.ceil(MIN_VOXEL_EXCEEDANCES / target_fpr)
         raise CalibrationError(
@@ -373,10 +382,91 @@ def calibrate_healthy(
     if n_bootstrap < 0:
         raise CalibrationError(f"n_bootstrap={n_bootstrap} must be 0 (no intervals) or positive")
 
-    tail = _Tail(values, _tail_floor(values, target_fpr))
-    del values
-    ones = np.ones(n_scans, dtype=np.int64)
-    voxel_threshold, exceed, _ = tail.threshold(ones, target_fpr)
+
+def _exact_healthy(pool: ValuePool, floor: float, rate: float, scores: np.ndarray, scan_rate: float | None,
+                   n_bootstrap: int, rng: np.random.Generator
+                   ) -> tuple[float, int, np.ndarray, np.ndarray]:
+    """Voxel threshold, its exceedances and the bootstrap draws (voxel, scan) from the pooled values."""
+    n_scans = scores.size
+    tail = _Tail(pool.negatives, floor)
+    pool.negatives = []
+    threshold, exceed, _ = tail.threshold(np.ones(n_scans, dtype=np.int64), rate)
+    voxel_draws, scan_draws = np.empty(n_bootstrap), np.empty(n_bootstrap)
+    for b in range(n_bootstrap):
+        drawn = rng.integers(0, n_scans, n_scans)
+        weights = np.bincount(drawn, minlength=n_scans).astype(np.int64)
+        voxel_draws[b] = tail.threshold(weights, rate)[0]
+        if scan_rate is not None:
+            scan_draws[b] = _score_threshold(scores[drawn], scan_rate)[0]
+    return threshold, exceed, voxel_draws, scan_draws
+
+
+def _binned_healthy(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], pool: ValuePool, floor: float,
+                    rate: float, scores: np.ndarray, scan_rate: float | None, n_bootstrap: int,
+                    rng: np.random.Generator, bins: int) -> tuple[float, int, np.ndarray, np.ndarray, dict[str, Any]]:
+    """As :func:`_exact_healthy` from a second pass into :class:`TailHistograms` (memory fixed by the bins and
+    draws): thresholds are bin edges, the draws' in bins 16 times wider."""
+    n_scans = scores.size
+    hist = TailHistograms(floor, pool.hi, n_scans, bins=bins, n_draws=n_bootstrap, rng=rng)
+    for _, _, inside in _iter_brain_values(maps, masks):
+        hist.add(inside)
+    threshold, exceed = edge_threshold(hist.edges, hist.counts, _allowed(rate, pool.n_neg))
+    voxel_draws = np.array([edge_threshold(hist.draw_edges, hist.draw_counts[b], _allowed(rate, int(n)))[0]
+                            for b, n in enumerate(hist.draw_sizes)])
+    scan_draws = np.empty(n_bootstrap)
+    if scan_rate is not None:
+        for b in range(n_bootstrap):
+            scan_draws[b] = _score_threshold(scores[rng.integers(0, n_scans, n_scans)], scan_rate)[0]
+    width = float(hist.edges[1] - hist.edges[0])
+    facts = {"method": "binned", "n_values": pool.n_neg, "exact_cap": pool.cap, "peak_values_held": pool.peak_held,
+             "bins": int(hist.counts.size), "bin_width": width, "range": [floor, float(hist.edges[-1])],
+             "bootstrap_bin_width": float(hist.draw_edges[1] - hist.draw_edges[0]), "counters_held": hist.held,
+             "note": f"more than {pool.cap:,} pooled values: the threshold is a bin edge of width {width:.3g} over "
+                     "the tail (the achieved rate stays at or below the target), the bootstrap draws' edges "
+                     f"{hist.group}x wider"}
+    return threshold, exceed, voxel_draws, scan_draws, facts
+
+
+def calibrate_healthy(
+    maps: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    scan_scores: Sequence[float],
+    target_fpr: float,
+    scan_target_fpr: float | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    *,
+    exact_cap: int = DEFAULT_CAP,
+    bins: int = DEFAULT_BINS,
+) -> Calibration:
+    """Voxel (and optionally scan) thresholds whose false-positive rate on healthy scans is at most the target.
+
+    ``maps``/``masks`` are the healthy anomaly maps and their brain masks (same shapes), ``scan_scores``
+    one score per scan. See the module docstring for the exact threshold rule, refusals and bootstrap.
+    Maps are read one at a time; past ``exact_cap`` pooled values they are read a second time into
+    ``bins`` bins over the tail (:mod:`anomaly.pooled`), so memory does not grow with the number of scans.
+    """
+    target_fpr = _check_rate(target_fpr, "target_fpr")
+    if scan_target_fpr is not None:
+        scan_target_fpr = _check_rate(scan_target_fpr, "scan_target_fpr")
+    pool, floor, n_scans = _healthy_pass(maps, masks, target_fpr, exact_cap)
+    scores = np.asarray(scan_scores, dtype=np.float64).reshape(-1)
+    if scores.size != n_scans:
+        raise CalibrationError(f"{scores.size} scan scores for {n_scans} maps; pass one score per scan")
+    if not np.isfinite(scores).all():
+        raise CalibrationError("scan scores hold NaN or infinite values; score the scans again")
+    n_voxels = pool.n_neg
+    _check_healthy_data(n_voxels, n_scans, target_fpr, scan_target_fpr, n_bootstrap)
+
+    rng = np.random.default_rng(seed)
+    if pool.exact:
+        facts: dict[str, Any] = {"method": "exact", "n_values": n_voxels, "exact_cap": pool.cap,
+                                 "peak_values_held": pool.peak_held}
+        voxel_threshold, exceed, voxel_draws, scan_draws = _exact_healthy(
+            pool, floor, target_fpr, scores, scan_target_fpr, n_bootstrap, rng)
+    else:
+        voxel_threshold, exceed, voxel_draws, scan_draws, facts = _binned_healthy(
+            maps, masks, pool, floor, target_fpr, scores, scan_target_fpr, n_bootstrap, rng, bins)
     metrics: dict[str, Any] = {
         "n_scans": n_scans,
         "n_voxels": n_voxels,
@@ -384,28 +474,32 @@ def calibrate_healthy(
         "achieved_fpr": exceed / n_voxels,
         "n_false_positive_voxels": exceed,
         "threshold_rule": "smallest pooled brain value t with #(v >= t) <= floor(target_fpr * n_voxels)",
+        "pooling": facts,
     }
     scan_threshold = None
     if scan_target_fpr is not None:
         scan_threshold, scan_exceed = _score_threshold(scores, scan_target_fpr)
         metrics.update(scan_target_fpr=scan_target_fpr, achieved_scan_fpr=scan_exceed / n_scans)
-
     if n_bootstrap:
-        rng = np.random.default_rng(seed)
-        voxel_draws = np.empty(n_bootstrap)
-        scan_draws = np.empty(n_bootstrap)
-        for b in range(n_bootstrap):
-            drawn = rng.integers(0, n_scans, n_scans)
-            weights = np.bincount(drawn, minlength=n_scans).astype(np.int64)
-            voxel_draws[b] = tail.threshold(weights, target_fpr)[0]
-            if scan_target_fpr is not None:
-                scan_draws[b] = _score_threshold(scores[drawn], scan_target_fpr)[0]
         metrics.update(n_bootstrap=n_bootstrap, seed=seed, voxel_threshold_ci=_percentile_ci(voxel_draws),
                        voxel_threshold_bootstrap_std=float(voxel_draws.std()),
                        ci_method="95% percentile bootstrap over scans drawn with replacement")
         if scan_target_fpr is not None:
             metrics["scan_threshold_ci"] = _percentile_ci(scan_draws)
     return Calibration("healthy-fpr", voxel_threshold, scan_threshold, target_fpr, metrics)
+
+
+def _labelled_pieces(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], labels: Sequence[np.ndarray]
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """Per scan: its lesion and non-lesion brain values and the lesion voxels outside the brain mask."""
+    for i, brain, inside_values in _iter_brain_values(maps, masks):
+        lesion = np.asarray(labels[i])
+        lesion = lesion if lesion.dtype == bool else lesion != 0
+        if lesion.shape != brain.shape:
+            raise CalibrationError(f"scan #{i}: label shape {lesion.shape} differs from map shape {brain.shape}; "
+                                   "pass the labels on the map's grid")
+        inside = lesion[brain]
+        yield inside_values[inside], inside_values[~inside], int(np.count_nonzero(lesion & ~brain))
 
 
 def _youden_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -423,30 +517,27 @@ def calibrate_labelled(
     labels: Sequence[np.ndarray],
     scan_scores: Sequence[float] | None = None,
     sensitivities: Sequence[float] = DEFAULT_SENSITIVITIES,
+    *,
+    exact_cap: int = DEFAULT_CAP,
+    bins: int = DEFAULT_BINS,
 ) -> Calibration:
     """Voxel threshold with the best pooled Dice on labelled scans, plus fixed-sensitivity operating points.
 
     Voxels are pooled inside the brain masks (lesion voxels outside a mask are ignored and counted).
     With ``scan_scores``, a scan is abnormal when it holds a lesion voxel in its mask; the scan
     threshold maximises Youden's J when both kinds of scan are present, and is left out otherwise.
+    Past ``exact_cap`` pooled values the maps are read again into binned scores (:mod:`anomaly.pooled`).
     """
     if len(labels) != len(maps):
         raise CalibrationError(f"{len(maps)} maps but {len(labels)} label maps; pass one label map per scan")
-    positives, negatives, scan_truth = [], [], []
+    pool = ValuePool(exact_cap)
+    scan_truth = []
     outside = 0
-    for i, brain, inside_values in _iter_brain_values(maps, masks):
-        lesion = np.asarray(labels[i])
-        lesion = lesion if lesion.dtype == bool else lesion != 0
-        if lesion.shape != brain.shape:
-            raise CalibrationError(f"scan #{i}: label shape {lesion.shape} differs from map shape {brain.shape}; "
-                                   "pass the labels on the map's grid")
-        inside = lesion[brain]
-        outside += int(np.count_nonzero(lesion & ~brain))
-        positives.append(inside_values[inside])
-        negatives.append(inside_values[~inside])
-        scan_truth.append(bool(inside.any()))
-    ranked = RankedScores.from_parts(positives, negatives)
-    del positives, negatives
+    for positives, negatives, lesion_outside in _labelled_pieces(maps, masks, labels):
+        pool.add(positives, negatives)
+        outside += lesion_outside
+        scan_truth.append(bool(positives.size))
+    ranked = pooled_scores(pool, lambda: ((p, n) for p, n, _ in _labelled_pieces(maps, masks, labels)), bins=bins)
     if ranked.n_pos == 0:
         raise CalibrationError("the labelled set holds no lesion voxels inside the brain masks; labelled "
                                "calibration needs scans with lesion labels (use calibrate_healthy for healthy scans)")
@@ -466,6 +557,7 @@ def calibrate_labelled(
     if ranked.n_neg:
         metrics["voxel_auroc"] = ranked.auroc()
     metrics["voxel_auprc"] = ranked.auprc()
+    metrics["pooling"] = pooling_facts(ranked, pool)
     scan_threshold = None
     if scan_scores is not None:
         scores = np.asarray(scan_scores, dtype=np.float64).reshape(-1)

@@ -67,7 +67,98 @@ def cast_thresholds(thresholds: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return cast.reshape(thresholds.shape)
 
 
-class RankedScores:
+class CurveMetrics:
+    """Pooled metrics from ``chunks()`` (thresholds in decreasing order with true/false positive counts),
+    shared by exact (:class:`RankedScores`) and binned (:class:`anomaly.pooled.BinnedScores`) scores."""
+
+    @property
+    def n_pos(self) -> int:
+        """Number of positive scores."""
+        raise NotImplementedError
+
+    @property
+    def n_neg(self) -> int:
+        """Number of negative scores."""
+        raise NotImplementedError
+
+    def counts_at(self, thresholds: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+        """True and false positive counts of the rule ``score >= t`` at each threshold ``t``."""
+        raise NotImplementedError
+
+    def chunks(self, chunk: int = CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield ``(thresholds, tp, fp)`` over the curve's thresholds in decreasing order."""
+        raise NotImplementedError
+
+    def curve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(thresholds, tp, fp)`` at every threshold of the curve, decreasing thresholds."""
+        raise NotImplementedError
+
+    def threshold_for_sensitivity(self, sensitivity: float) -> float:
+        """Highest threshold whose sensitivity (TPR) is at least ``sensitivity``."""
+        raise NotImplementedError
+
+    def _require(self, positives: bool, negatives: bool, metric: str) -> None:
+        if positives and self.n_pos == 0:
+            raise ValueError(f"{metric} is undefined: the labels hold no positives; evaluate on data with lesions")
+        if negatives and self.n_neg == 0:
+            raise ValueError(f"{metric} is undefined: the labels hold no negatives; evaluate on data with normal tissue")
+
+    def auroc(self) -> float:
+        """Area under the ROC curve by the trapezoid rule (ties count one half, as scikit-learn)."""
+        self._require(True, True, "AUROC")
+        exact = 2 * self.n_pos * self.n_neg < 2**62  # integer sums cannot overflow int64: exact
+        total: float = 0  # sum of dfp * (tp + tp_prev)
+        prev_tp = prev_fp = 0
+        for _, tp, fp in self.chunks():
+            tp_prev = np.concatenate([[prev_tp], tp[:-1]])
+            fp_prev = np.concatenate([[prev_fp], fp[:-1]])
+            if exact:
+                total += int(np.dot(fp - fp_prev, tp + tp_prev))
+            else:
+                total += float(np.dot((fp - fp_prev).astype(np.float64), (tp + tp_prev).astype(np.float64)))
+            prev_tp, prev_fp = int(tp[-1]), int(fp[-1])
+        return total / (2.0 * self.n_pos * self.n_neg)
+
+    def auprc(self) -> float:
+        """Average precision: sum over distinct thresholds of (R_k - R_{k-1}) * P_k, as scikit-learn."""
+        self._require(True, False, "AUPRC")
+        total = 0.0
+        prev_tp = 0
+        for _, tp, fp in self.chunks():
+            tp_prev = np.concatenate([[prev_tp], tp[:-1]])
+            precision = tp / (tp + fp)
+            total += float(np.dot(tp - tp_prev, precision))
+            prev_tp = int(tp[-1])
+        return total / self.n_pos
+
+    def best_dice(self) -> tuple[float, float]:
+        """Largest pooled Dice over the curve's thresholds and its threshold (the highest on ties)."""
+        self._require(True, False, "best Dice")
+        best, best_t = -1.0, math.inf
+        for thresholds, tp, fp in self.chunks():
+            dice = 2.0 * tp / (tp + fp + self.n_pos)
+            i = int(np.argmax(dice))
+            if dice[i] > best:
+                best, best_t = float(dice[i]), float(thresholds[i])
+        return best, best_t
+
+    def operating_point(self, threshold: float) -> dict[str, float]:
+        """Sensitivity, precision, FPR and Dice of the rule ``score >= threshold``."""
+        tp, fp = (int(c[0]) for c in self.counts_at(np.asarray([threshold], dtype=np.float64)))
+        fn = self.n_pos - tp
+        return {
+            "threshold": float(threshold),
+            "sensitivity": tp / self.n_pos if self.n_pos else math.nan,
+            "precision": tp / (tp + fp) if tp + fp else 1.0,
+            "fpr": fp / self.n_neg if self.n_neg else math.nan,
+            "dice": 2.0 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 1.0,
+            "tp": tp,
+            "fp": fp,
+            "fn": fn,
+        }
+
+
+class RankedScores(CurveMetrics):
     """Scores split into positives and negatives, each sorted ascending: the source of every curve."""
 
     def __init__(self, positives: np.ndarray, negatives: np.ndarray, *, copy: bool = True) -> None:
@@ -132,47 +223,6 @@ class RankedScores:
         tp, fp = self.counts_at(thresholds)
         return thresholds, tp, fp
 
-    def _require(self, positives: bool, negatives: bool, metric: str) -> None:
-        if positives and self.n_pos == 0:
-            raise ValueError(f"{metric} is undefined: the labels hold no positives; evaluate on data with lesions")
-        if negatives and self.n_neg == 0:
-            raise ValueError(f"{metric} is undefined: the labels hold no negatives; evaluate on data with normal tissue")
-
-    def auroc(self) -> float:
-        """Area under the ROC curve by the trapezoid rule (ties count one half, as scikit-learn)."""
-        self._require(True, True, "AUROC")
-        total = 0  # exact integer sum of dfp * (tp + tp_prev); at most 2 * n_pos * n_neg
-        prev_tp = prev_fp = 0
-        for _, tp, fp in self.chunks():
-            tp_prev = np.concatenate([[prev_tp], tp[:-1]])
-            fp_prev = np.concatenate([[prev_fp], fp[:-1]])
-            total += int(np.dot(fp - fp_prev, tp + tp_prev))
-            prev_tp, prev_fp = int(tp[-1]), int(fp[-1])
-        return total / (2.0 * self.n_pos * self.n_neg)
-
-    def auprc(self) -> float:
-        """Average precision: sum over distinct thresholds of (R_k - R_{k-1}) * P_k, as scikit-learn."""
-        self._require(True, False, "AUPRC")
-        total = 0.0
-        prev_tp = 0
-        for _, tp, fp in self.chunks():
-            tp_prev = np.concatenate([[prev_tp], tp[:-1]])
-            precision = tp / (tp + fp)
-            total += float(np.dot(tp - tp_prev, precision))
-            prev_tp = int(tp[-1])
-        return total / self.n_pos
-
-    def best_dice(self) -> tuple[float, float]:
-        """Largest pooled Dice over all distinct thresholds and its threshold (the highest on ties)."""
-        self._require(True, False, "best Dice")
-        best, best_t = -1.0, math.inf
-        for thresholds, tp, fp in self.chunks():
-            dice = 2.0 * tp / (tp + fp + self.n_pos)
-            i = int(np.argmax(dice))
-            if dice[i] > best:
-                best, best_t = float(dice[i]), float(thresholds[i])
-        return best, best_t
-
     def threshold_for_sensitivity(self, sensitivity: float) -> float:
         """Highest threshold whose sensitivity (TPR) is at least ``sensitivity``."""
         self._require(True, False, "a sensitivity operating point")
@@ -181,22 +231,6 @@ class RankedScores:
         needed = math.ceil(sensitivity * self.n_pos - 1e-9 * self.n_pos)
         # the needed-th largest positive score: exactly `needed` or more positives are >= it
         return float(self.positives[self.n_pos - needed])
-
-    def operating_point(self, threshold: float) -> dict[str, float]:
-        """Sensitivity, precision, FPR and Dice of the rule ``score >= threshold``."""
-        tp, fp = (int(c[0]) for c in self.counts_at(np.asarray([threshold], dtype=np.float64)))
-        fn = self.n_pos - tp
-        return {
-            "threshold": float(threshold),
-            "sensitivity": tp / self.n_pos if self.n_pos else math.nan,
-            "precision": tp / (tp + fp) if tp + fp else 1.0,
-            "fpr": fp / self.n_neg if self.n_neg else math.nan,
-            "dice": 2.0 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 1.0,
-            "tp": tp,
-            "fp": fp,
-            "fn": fn,
-        }
-
 
 def roc_curve(scores: np.ndarray | Sequence[float], labels: np.ndarray | Sequence[bool]
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

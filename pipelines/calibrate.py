@@ -2,8 +2,9 @@
 recorded and skipped when already scored), read their maps and brain masks back, find the thresholds
 with :mod:`anomaly.calibration`, and save them with the data they came from.
 
-Maps are read one at a time while the library pools their brain voxels, so memory holds about one
-float32 per brain voxel of the calibration set plus one map, never every map at once.
+Maps are read one at a time while the library pools their brain voxels: one float32 per brain voxel
+of the calibration set up to 50 million of them (exact thresholds), fixed-size histograms read in a
+second pass above that (:mod:`anomaly.pooled`), plus one map; never every map at once.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from anomaly.calibration import Calibration, CalibrationError, calibrate_healthy
 from anomaly.config import ScoringSettings
 from anomaly.models.base import SliceModel
 from anomaly.outputs import sibling
+from anomaly.pooled import DEFAULT_CAP
 from anomaly.records import DEFAULT_MIN_VOLUME_ML, CalibrationData, CalibrationScan
 from anomaly.store import Store, get_calibration, get_or_create_model, save_calibration
 from anomaly.volume import Volume, file_sha256, is_nifti_path, load_mask, load_volume, scan_name
@@ -182,8 +184,10 @@ def default_out_dir(store_url: str, name: str) -> Path:
 
 
 def calibrate_scans(scans: Sequence[ScoredScan], *, target_fpr: float | None, scan_target_fpr: float | None = None,
-                    labelled: bool = False, n_bootstrap: int = 1000, seed: int = 0) -> Calibration:
-    """Run the library calibration on scored scans, reading each map and mask from disk when it is needed."""
+                    labelled: bool = False, n_bootstrap: int = 1000, seed: int = 0,
+                    exact_cap: int = DEFAULT_CAP) -> Calibration:
+    """Run the library calibration on scored scans, reading each map and mask from disk when it is needed
+    (twice past ``exact_cap`` pooled voxels)."""
     n = len(scans)
     scores = [s.score for s in scans]
     maps = LazySequence(n, lambda i: load_map(scans[i]))
@@ -192,7 +196,7 @@ def calibrate_scans(scans: Sequence[ScoredScan], *, target_fpr: float | None, sc
         if target_fpr is None:
             raise CalibrateError("--target-fpr is required for a calibration on healthy scans (e.g. 0.01)")
         return calibrate_healthy(maps, masks, scores, target_fpr, scan_target_fpr, n_bootstrap=n_bootstrap,
-                                 seed=seed)
+                                 seed=seed, exact_cap=exact_cap)
 
     def label(i: int) -> np.ndarray:
         path = scans[i].label_path
@@ -201,7 +205,7 @@ def calibrate_scans(scans: Sequence[ScoredScan], *, target_fpr: float | None, sc
             return np.zeros(grid.shape, dtype=bool)
         return load_mask(path, like=grid)
 
-    return calibrate_labelled(maps, masks, LazySequence(n, label), scan_scores=scores)
+    return calibrate_labelled(maps, masks, LazySequence(n, label), scan_scores=scores, exact_cap=exact_cap)
 
 
 def run_calibration(inputs: Sequence[str | os.PathLike[str]], model: SliceModel, store: Store,
@@ -210,7 +214,7 @@ def run_calibration(inputs: Sequence[str | os.PathLike[str]], model: SliceModel,
                     healthy_without_labels: bool = False, out_dir: str | os.PathLike[str] | None = None,
                     min_volume_ml: float = DEFAULT_MIN_VOLUME_ML, n_bootstrap: int = 1000, seed: int = 0,
                     progress: bool = True, brain_mask: str | os.PathLike[str] | None = None,
-                    t1_for_mask: str = "auto") -> CalibrationOutcome:
+                    t1_for_mask: str = "auto", exact_cap: int = DEFAULT_CAP) -> CalibrationOutcome:
     """Score ``inputs`` with ``model`` and ``settings``, calibrate (healthy, or labelled with ``labels_dir``)
     and store the result as the next version of ``name``."""
     if not name or "@" in name or name != name.strip():
@@ -244,7 +248,8 @@ def run_calibration(inputs: Sequence[str | os.PathLike[str]], model: SliceModel,
     identity = model.identity()
     fingerprint = _fingerprint(scans, identity.weights_hash, settings.hash(), labelled=index is not None,
                                target_fpr=target_fpr, scan_target_fpr=scan_target_fpr,
-                               min_volume_ml=min_volume_ml, n_bootstrap=n_bootstrap, seed=seed)
+                               min_volume_ml=min_volume_ml, n_bootstrap=n_bootstrap, seed=seed,
+                               **({} if exact_cap == DEFAULT_CAP else {"exact_voxels": exact_cap}))
     with store.session() as s:
         latest = get_calibration(s, name)
         if latest is not None and CalibrationData.from_dict(latest.data).fingerprint == fingerprint:
@@ -253,7 +258,7 @@ def run_calibration(inputs: Sequence[str | os.PathLike[str]], model: SliceModel,
                 scans=list(scans), run_id=summary.run_id, out_dir=summary.out_dir,
                 notes=[*notes, f"same scans, model and settings as {latest.ref}: reused it (no new version)"])
     result = calibrate_scans(scans, target_fpr=target_fpr, scan_target_fpr=scan_target_fpr,
-                             labelled=index is not None, n_bootstrap=n_bootstrap, seed=seed)
+                             labelled=index is not None, n_bootstrap=n_bootstrap, seed=seed, exact_cap=exact_cap)
     result = replace(result, min_volume_ml=float(min_volume_ml), settings_hash=settings.hash(),
                      settings=settings.to_dict())
     data = CalibrationData(

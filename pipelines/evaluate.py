@@ -4,9 +4,12 @@ upper bound), scan-level AUROC, ROC/PR/Dice plots, a JSON summary, a per-scan CS
 
 Voxels are counted inside each scan's scored brain mask (``<stem>_brain.nii.gz``), where the map is
 defined; lesion voxels outside it are reported per scan, never silently dropped. Maps are read one at a
-time; the pooled metrics are exact, so they keep one float32 per brain voxel of the evaluated scans
-(plus a short-lived copy while the per-scan pieces are joined). Plots are drawn at quantile thresholds
-of the pooled scores; the numbers in the summary are computed at every distinct score.
+time. The pooled metrics are exact while the evaluated scans hold at most ``exact_cap`` brain voxels
+(default 50 million: one float32 each, plus a short-lived copy while the per-scan pieces are joined);
+beyond that the maps are read a second time into fixed-size histograms (:mod:`anomaly.pooled`, 2^16 bins
+per class over the pooled range, exact counts at the calibrated threshold), so memory does not grow with
+the number of scans, and the summary's ``voxel.pooling`` gives the bin width. Plots are drawn at quantile
+thresholds of the pooled scores (bin edges when binned); exact numbers are computed at every distinct score.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,9 +28,10 @@ from tqdm import tqdm
 
 from anomaly.calibration import Calibration
 from anomaly.jsonio import write_json
-from anomaly.metrics import LesionStats, RankedScores, lesion_detection, scan_auroc
+from anomaly.metrics import CurveMetrics, LesionStats, RankedScores, lesion_detection, scan_auroc
 from anomaly.mood import MoodItem, export_mood
 from anomaly.outputs import sibling
+from anomaly.pooled import DEFAULT_BINS, DEFAULT_CAP, ValuePool, pooled_scores, pooling_facts
 from anomaly.store import (
     Store,
     get_run,
@@ -35,7 +39,7 @@ from anomaly.store import (
     merge_result_details,
     run_results,
 )
-from anomaly.volume import load_mask, load_volume, scan_name
+from anomaly.volume import Volume, load_mask, load_volume, scan_name
 from pipelines.batch import BatchError, resolve_calibration, write_csv
 from pipelines.calibrate import find_label, label_index, map_grid
 
@@ -54,7 +58,8 @@ DEFINITIONS = {
     "voxels": "every voxel metric counts voxels inside the scan's scored brain mask (<stem>_brain.nii.gz); "
               "lesion voxels outside it are listed as n_lesion_voxels_outside_brain",
     "rule": "a voxel (scan) is positive when its score is >= the threshold",
-    "auroc_auprc": "exact, at every distinct score; AUPRC is average precision (as scikit-learn)",
+    "auroc_auprc": "exact, at every distinct score (binned above voxel.pooling.exact_cap brain voxels: see "
+                   "voxel.pooling); AUPRC is average precision (as scikit-learn)",
     "best_dice": "oracle upper bound: the pooled Dice at the threshold chosen on these very labels",
     "dice": "Dice of the thresholded map (the written <stem>_mask.nii.gz) with the lesion voxels inside the brain; "
             "per scan only for scans holding lesion voxels",
@@ -132,17 +137,27 @@ def _none_if_nan(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def evaluate_scan(scan: EvalScan, calibration: Calibration | None) -> _ScanPart:
-    """Per-scan metrics, and the scan's brain voxel scores split by label for the pooled metrics."""
+def read_scan(scan: EvalScan) -> tuple[Volume, np.ndarray, np.ndarray]:
+    """The scan's map, scored brain mask and lesion mask (all-false without a label file), on the map's grid."""
     volume = load_volume(scan.map_path)
     grid = map_grid(scan.map_path)
     brain = load_mask(sibling(scan.map_path, "brain"), like=grid)
     truth = load_mask(scan.label_path, like=grid) if scan.label_path is not None else np.zeros(grid.shape, bool)
-    amap = volume.data
+    return volume, brain, truth
+
+
+def split_brain(amap: np.ndarray, brain: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The brain voxels' scores split by label: ``(lesion, non-lesion)``."""
     inside_truth = truth[brain]
     values = amap[brain]
-    positives, negatives = values[inside_truth], values[~inside_truth]
-    del values
+    return values[inside_truth], values[~inside_truth]
+
+
+def evaluate_scan(scan: EvalScan, calibration: Calibration | None) -> _ScanPart:
+    """Per-scan metrics, and the scan's brain voxel scores split by label for the pooled metrics."""
+    volume, brain, truth = read_scan(scan)
+    amap = volume.data
+    positives, negatives = split_brain(amap, brain, truth)
     row: dict[str, Any] = {
         "name": scan.stem, "status": "evaluated", "input_path": scan.input_path, "map_path": str(scan.map_path),
         "label_path": str(scan.label_path) if scan.label_path else "", "score": _none_if_nan(scan.score),
@@ -179,9 +194,12 @@ def evaluate_scan(scan: EvalScan, calibration: Calibration | None) -> _ScanPart:
                      (float(amap.min()), float(amap.max())))
 
 
-def curve_at_quantiles(ranked: RankedScores, points: int = CURVE_POINTS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def curve_at_quantiles(ranked: CurveMetrics, points: int = CURVE_POINTS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(thresholds, tp, fp)`` at up to ``points`` quantiles of each class, decreasing thresholds, ending at
-    the lowest score (where every voxel is positive): for drawing; the metrics use every distinct score."""
+    the lowest score (where every voxel is positive): for drawing; the metrics use every distinct score.
+    Binned scores give their curve at the non-empty bins' edges."""
+    if not isinstance(ranked, RankedScores):
+        return ranked.curve()
     parts = []
     for values in (ranked.positives, ranked.negatives):
         if values.size:
@@ -192,7 +210,7 @@ def curve_at_quantiles(ranked: RankedScores, points: int = CURVE_POINTS) -> tupl
     return thresholds.astype(np.float64), tp, fp
 
 
-def _plots(ranked: RankedScores, summary: dict[str, Any], scores: Sequence[float], scan_truth: Sequence[bool],
+def _plots(ranked: CurveMetrics, summary: dict[str, Any], scores: Sequence[float], scan_truth: Sequence[bool],
            calibration: Calibration | None, out: Path) -> dict[str, Path]:
     from anomaly.plots import plot_dice_curve, plot_pr, plot_roc, plot_score_histogram, save_figure
 
@@ -247,12 +265,21 @@ def _bar(items: Iterable[Any], enabled: bool, desc: str) -> Iterable[Any]:
     return tqdm(items, desc=desc, unit="scan", file=sys.stderr, disable=None, dynamic_ncols=True, leave=False)
 
 
+def _pieces(scans: Sequence[EvalScan], progress: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Second pass (past the exact cap): each evaluated scan's brain scores split by label, read again."""
+    for scan in _bar(scans, progress, "pooling (binned)"):
+        volume, brain, truth = read_scan(scan)
+        yield split_brain(volume.data, brain, truth)
+
+
 def evaluate_run(store: Store, run_id: int | None, labels_dir: str | os.PathLike[str],
                  out_dir: str | os.PathLike[str] | None = None, *, calibration: str | None = None,
                  force_calibration: bool = False, healthy_without_labels: bool = False,
-                 mood_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> EvaluationReport:
+                 mood_dir: str | os.PathLike[str] | None = None, progress: bool = True,
+                 exact_cap: int = DEFAULT_CAP, bins: int = DEFAULT_BINS) -> EvaluationReport:
     """Evaluate run ``run_id`` (None: the latest) against the masks in ``labels_dir`` (named like the scans) and
-    write the summary, per-scan CSV, plots and MOOD export into ``out_dir`` (default ``<run out dir>/evaluation``)."""
+    write the summary, per-scan CSV, plots and MOOD export into ``out_dir`` (default ``<run out dir>/evaluation``).
+    Pooled voxel figures are exact up to ``exact_cap`` brain voxels, binned in ``bins`` bins above it."""
     info, scans, cal = resolve_run(store, run_id, calibration, force_calibration=force_calibration)
     run_id = info["run_id"]
     index = label_index(labels_dir)
@@ -284,8 +311,7 @@ def evaluate_run(store: Store, run_id: int | None, labels_dir: str | os.PathLike
         raise EvaluateError(f"no scan of run {run_id} has a label file in {labels_dir}; name each mask like its "
                             "scan (<name>.nii.gz), or pass --healthy-without-labels for healthy scans")
 
-    positives: list[np.ndarray] = []
-    negatives: list[np.ndarray] = []
+    pool = ValuePool(exact_cap)
     lesion_total: LesionStats | None = None
     pixel_lo, pixel_hi = math.inf, -math.inf
     scan_scores: list[float] = []
@@ -297,8 +323,7 @@ def evaluate_run(store: Store, run_id: int | None, labels_dir: str | os.PathLike
             continue
         part = evaluate_scan(scan, cal)
         pixel_lo, pixel_hi = min(pixel_lo, part.map_range[0]), max(pixel_hi, part.map_range[1])
-        positives.append(part.positives)
-        negatives.append(part.negatives)
+        pool.add(part.positives, part.negatives)
         if part.lesions is not None:
             lesion_total = part.lesions if lesion_total is None else lesion_total + part.lesions
         scan_scores.append(scan.score)
@@ -306,10 +331,14 @@ def evaluate_run(store: Store, run_id: int | None, labels_dir: str | os.PathLike
         rows[scan.stem] = part.row
     evaluated_rows = {stem: row for stem, row in rows.items() if row["status"] == "evaluated"}
 
-    ranked = RankedScores.from_parts(positives, negatives)
-    del positives, negatives
+    evaluated = [scan for scan in paired if rows[scan.stem].get("status") == "evaluated"]
+    ranked = pooled_scores(pool, lambda: _pieces(evaluated, progress), bins=bins,
+                           marks=() if cal is None else (cal.voxel_threshold,))
     summary = _summary(info, labels_dir, cal, ranked, evaluated_rows, lesion_total, scan_scores, scan_truth, notes,
                        n_ok=len(scans), n_skipped=len(skipped), healthy_without_labels=healthy_without_labels)
+    summary["voxel"]["pooling"] = pooling_facts(ranked, pool)
+    if not pool.exact:
+        summary["notes"].append(summary["voxel"]["pooling"]["note"])
     files: dict[str, Path] = {}
     try:
         files.update(_plots(ranked, summary, scan_scores, scan_truth, cal, out))
@@ -341,7 +370,7 @@ def _mean(values: Iterable[Any]) -> float | None:
 
 
 def _summary(info: dict[str, Any], labels_dir: str | os.PathLike[str], cal: Calibration | None,
-             ranked: RankedScores, rows: dict[str, dict[str, Any]], lesions: LesionStats | None,
+             ranked: CurveMetrics, rows: dict[str, dict[str, Any]], lesions: LesionStats | None,
              scores: list[float], truth: list[bool], notes: list[str], *, n_ok: int, n_skipped: int,
              healthy_without_labels: bool) -> dict[str, Any]:
     per_scan = list(rows.values())

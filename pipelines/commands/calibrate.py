@@ -11,6 +11,7 @@ from pipelines.commands.common import (
     UserError,
     add_contrast_option,
     add_db_option,
+    add_exact_voxels_option,
     add_model_option,
     add_raw_input_options,
     check_out_dir,
@@ -57,6 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                    help="bootstrap draws over scans for 95%% confidence intervals (default 1000; 0 = none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws")
+    add_exact_voxels_option(p)
     p.add_argument("--list", action="store_true", help="list the stored calibrations and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -124,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
                                   healthy_without_labels=args.healthy_without_labels, out_dir=args.out,
                                   min_volume_ml=args.min_volume_ml, n_bootstrap=args.bootstrap, seed=args.seed,
                                   progress=not args.quiet, brain_mask=args.brain_mask,
-                                  t1_for_mask=args.t1_for_mask)
+                                  t1_for_mask=args.t1_for_mask, exact_cap=args.exact_voxels)
     except (CalibrateError, CalibrationError, VolumeError) as exc:
         raise UserError(f"calibration refused: {str(exc).replace('n_bootstrap=0', '--bootstrap 0')}") from exc
     finally:
@@ -154,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
                   f"scan AUROC {m['scan_auroc']:.3f})")
         else:
             print(f"  no scan threshold ({m.get('scan_threshold_note', 'needs abnormal and normal scans')})")
+    if m.get("pooling", {}).get("method") == "binned":
+        print(f"  note: {m['pooling']['note']}")
     print(f"maps: {outcome.out_dir} (run {outcome.run_id})")
     print(f"apply with: anomaly score INPUT... --out DIR --model {args.model} --calibration {outcome.ref}"
           + (f" --db {args.db}" if args.db else "")

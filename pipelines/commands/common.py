@@ -21,6 +21,26 @@ def add_db_option(parser: argparse.ArgumentParser) -> None:
                         help="database URL or SQLite file path (default: $ANOMALY_DB, else ./anomaly.db)")
 
 
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value.replace("_", "").replace(",", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number; e.g. 50000000") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be 0 or more")
+    return number
+
+
+def add_exact_voxels_option(parser: argparse.ArgumentParser) -> None:
+    """``--exact-voxels N``: pooled brain voxels up to which pooled figures are exact (binned above)."""
+    from anomaly.pooled import DEFAULT_BINS, DEFAULT_CAP
+
+    parser.add_argument("--exact-voxels", type=_positive_int, default=DEFAULT_CAP, metavar="N",
+                        help=f"pooled brain voxels held for exact figures (default {DEFAULT_CAP:,}, about "
+                             f"{DEFAULT_CAP * 4 // 10**6} MB); above, the maps are read twice and pooled in "
+                             f"{DEFAULT_BINS:,} bins, so memory stays bounded (the summary gives the bin width)")
+
+
 def add_model_option(parser: argparse.ArgumentParser, default: str = "default") -> None:
     parser.add_argument("--model", metavar="NAME|PATH", default=default,
                         help=f"model name (see `anomaly models list`) or model folder (default: {default})")

@@ -6,7 +6,14 @@ import argparse
 import sys
 from typing import Any
 
-from pipelines.commands.common import UserError, add_db_option, check_out_dir, new_parser, store_from
+from pipelines.commands.common import (
+    UserError,
+    add_db_option,
+    add_exact_voxels_option,
+    check_out_dir,
+    new_parser,
+    store_from,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--healthy-without-labels", action="store_true",
                    help="count scans that have no label file as lesion-free (default: leave them out)")
     p.add_argument("--mood", metavar="DIR", help="folder for the MOOD export (default: OUT/mood)")
+    add_exact_voxels_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -58,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         report = evaluate_run(store, args.run, args.labels, args.out, calibration=args.calibration,
                               force_calibration=args.force_calibration,
                               healthy_without_labels=args.healthy_without_labels, mood_dir=args.mood,
-                              progress=not args.quiet)
+                              progress=not args.quiet, exact_cap=args.exact_voxels)
     except (EvaluateError, CalibrateError, VolumeError) as exc:
         raise UserError(f"evaluation refused: {exc}") from exc
     finally:

@@ -13,6 +13,7 @@ python benchmarks/folds.py [--recipes configs/train/default.yaml OTHER.yaml] [--
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -114,6 +115,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/folds")
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", type=int, nargs="*", default=None,
+                        help="run only these folds (1-based; e.g. one per process), then summarise every fold on disk")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -134,6 +137,11 @@ def main() -> None:
     per_fold = []
     for k in range(args.folds):
         left_out = patients[k::args.folds]
+        saved = Path(args.out) / f"fold{k + 1}.json"
+        if args.only and k + 1 not in args.only:
+            if saved.is_file():
+                per_fold.append(json.loads(saved.read_text()))
+            continue
         print(f"\n## Fold {k + 1}: left out {', '.join(left_out)}", flush=True)
         cases = patient_cases(Path(args.data), left_out)
         results = {}
@@ -150,6 +158,7 @@ def main() -> None:
                       f"per scan {r['scan_auprc_mean']:.3f} [{r['scan_auprc_min']:.3f}, {r['scan_auprc_max']:.3f}] "
                       f"(n={r['n']})", flush=True)
         per_fold.append(results)
+        saved.write_text(json.dumps(results, indent=1))
     summarise(per_fold)
 
 

@@ -26,7 +26,7 @@ setup: system-packages $(STAMP)
 demo-score: setup
 	$(BIN)/anomaly sample-data data/sample
 	$(BIN)/anomaly calibrate --db $(DEMO)/anomaly.db --healthy data/sample/calibration --name demo \
-		--target-fpr 0.01 --scan-target-fpr 0.2
+		--target-fpr 0.001 --scan-target-fpr 0.2
 	$(BIN)/anomaly score data/sample/lesions data/sample/healthy --out $(DEMO)/maps --db $(DEMO)/anomaly.db \
 		--calibration demo --csv $(DEMO)/scores.csv
 	$(BIN)/anomaly evaluate --db $(DEMO)/anomaly.db --run latest --labels data/sample/labels \

@@ -56,10 +56,11 @@ def infer_grid_maps(prepared: PreparedVolume, model: SliceModel, *, batch_size: 
     parts: dict[str, np.ndarray] = {}
     generator = torch.Generator().manual_seed(seed)
     context = model.volume_context(prepared)
+    brain = prepared.mask.astype(np.float32)  # once per scan, not per batch
     for start in range(0, len(prepared.slices), batch_size):
         index = prepared.slices[start:start + batch_size]
         out = model.score_slices(slices_to_batch(prepared.image, index), generator=generator, context=context,
-                                 mask=slices_to_batch(prepared.mask.astype(np.float32), index))
+                                 mask=slices_to_batch(brain, index))
         anomaly[:, :, index] = batch_to_slices(out.anomaly)
         if out.reconstruction is not None:
             if recon is None:

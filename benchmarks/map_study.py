@@ -29,6 +29,7 @@ from anomaly.models import load_model
 from anomaly.preprocess import prepare_volume
 from anomaly.scoring import batch_to_slices, postprocess, slices_to_batch
 from anomaly.training.data import lesion_on_grid
+from anomaly.training.vae import coarse_noise
 from anomaly.volume import load_volume
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -53,17 +54,16 @@ def image_components(restoration, prepared, contrast: str | None, iterations: in
     """Image-space restorations: ``restored`` (one pass), ``restored_it{k}`` (the restoration applied k
     times) and ``restored_nd{n}`` (the mean over n restorations of copies with the training's coarse noise
     at its middle level added inside the brain: a noise-draw ensemble)."""
-    from anomaly.training.vae import coarse_noise
-
     keys = ["restored", *(f"restored_it{k}" for k in range(2, iterations + 1))]
     keys += [f"restored_nd{noise_draws}"] if noise_draws > 0 else []
     out = {key: np.zeros_like(prepared.image) for key in keys}
     config = restoration.config
     std = float(np.mean(config.noise_std))
+    mask = prepared.mask.astype(np.float32)
     for start in range(0, len(prepared.slices), 32):
         index = prepared.slices[start:start + 32]
         x = slices_to_batch(prepared.image, index).clamp(0, 1)
-        brain = slices_to_batch(prepared.mask.astype(np.float32), index)
+        brain = slices_to_batch(mask, index)
         y = restoration.restore(x, contrast=contrast, mask=brain)
         out["restored"][:, :, index] = batch_to_slices(y)
         for k in range(2, iterations + 1):

@@ -30,7 +30,10 @@ def input_spec(recipe: TrainRecipe) -> InputSpec:
 def gather_slices(recipe: TrainRecipe, work: Path, progress: bool = True) -> tuple[SliceSet, SliceSet | None]:
     """Train and validation slices of the recipe, cached in ``work/slices.pt`` (rebuilt when the data list changes)."""
     data = recipe.data
-    key = json.dumps(asdict(data), sort_keys=True, default=list)
+    fields = asdict(data)
+    if data.skull_strip == "skip":  # the default leaves slice caches made before the setting existed valid
+        fields.pop("skull_strip")
+    key = json.dumps(fields, sort_keys=True, default=list)
     cache = work / "slices.pt"
     if cache.is_file() and (work / "slices.key").is_file() and (work / "slices.key").read_text() == key:
         both = torch.load(cache, weights_only=True)
@@ -42,8 +45,10 @@ def gather_slices(recipe: TrainRecipe, work: Path, progress: bool = True) -> tup
     train_src = [s for s in sources if matches_exclusion(s.path, data.validation) is None]
     val_src = [s for s in sources if matches_exclusion(s.path, data.validation) is not None]
     spec = input_spec(recipe)
-    train = build_slice_set(train_src, spec, dilate_mm=data.dilate_mm, exclude=data.all_excluded, progress=progress)
-    val = build_slice_set(val_src, spec, dilate_mm=data.dilate_mm, exclude=data.all_excluded) if val_src else None
+    train = build_slice_set(train_src, spec, dilate_mm=data.dilate_mm, exclude=data.all_excluded, progress=progress,
+                            skull_strip=data.skull_strip)
+    val = build_slice_set(val_src, spec, dilate_mm=data.dilate_mm, exclude=data.all_excluded,
+                          skull_strip=data.skull_strip) if val_src else None
     work.mkdir(parents=True, exist_ok=True)
     torch.save({"train": train.to_dict(), "val": val.to_dict() if val else None}, cache)
     (work / "slices.key").write_text(key)

@@ -162,3 +162,26 @@ def test_calibrations_made_before_these_settings_still_apply() -> None:
     forced = ScoringSettings(preprocess=PreprocessConfig(skull_strip="force"))
     problem = cal.settings_problem(forced.hash(), forced.to_dict())
     assert problem is not None and "preprocess.skull_strip: 'auto' -> 'force'" in problem
+
+
+def test_training_slices_of_a_head_without_mask_go_through_brain_extraction(head: tuple[Volume, np.ndarray]) -> None:
+    """``data.skull_strip: auto`` strips a head that has no brain mask beside it with the scoring stage, so
+    its training slices hold the brain alone (the skull would otherwise fill them)."""
+    from dataclasses import replace
+
+    from anomaly.training.config import DataConfig
+    from anomaly.training.data import VolumeSource, healthy_slices
+
+    source = VolumeSource(IXI / "t1_head.nii.gz", contrast="t1")
+    raw, raw_masks = healthy_slices(source, SPEC)
+    stripped_slices, masks = healthy_slices(source, SPEC, skull_strip="auto")
+    assert float(stripped_slices.float()[~masks].abs().max()) == 0.0
+    # a head with skull and scalp covers far more of each slice than the brain inside it
+    assert float(raw_masks.float().mean()) > 1.3 * float(masks.float().mean())
+    # the stripped brain agrees with the intracranial reference (labels > 0) carried the same way
+    _, ref_masks = healthy_slices(replace(source, brain_mask=IXI / "dlmuse_labels.nii.gz"), SPEC)
+    overlap = (masks & ref_masks).sum() * 2 / (masks.sum() + ref_masks.sum())
+    assert float(overlap) > 0.85
+    with pytest.raises(ValueError, match="skull_strip"):
+        DataConfig(skull_strip="yes")
+

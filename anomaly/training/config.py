@@ -22,7 +22,9 @@ EVALUATION_CASES: tuple[str, ...] = (
 class DataConfig:
     """Which volumes to train on (glob patterns, relative to the recipe's ``base``), which lesion mask
     names to look for beside them, which brain (or intracranial label) masks strip the heads among them,
-    what to keep out, and which cases form the validation split."""
+    what to keep out, and which cases form the validation split. ``skull_strip`` (``skip``, ``auto``,
+    ``force``) runs the scoring pipeline's brain-extraction stage on volumes without such a mask, so
+    healthy heads with skull can join the training slices exactly as scoring would see them."""
 
     volumes: tuple[str, ...] = ()
     lesion_masks: tuple[str, ...] = ("lesion_mask.nii.gz", "tumor_labels.nii.gz")
@@ -33,6 +35,11 @@ class DataConfig:
     base: str = "."
     slice_size: int = 128
     spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
+    skull_strip: str = "skip"
+
+    def __post_init__(self) -> None:
+        if self.skull_strip not in ("skip", "auto", "force"):
+            raise ConfigError(f"data.skull_strip must be skip, auto or force, not {self.skull_strip!r}")
 
     @property
     def all_excluded(self) -> tuple[str, ...]:

@@ -152,13 +152,30 @@ def lesion_on_grid(mask_path: Path, prepared: PreparedVolume) -> np.ndarray:
     return np.asarray(out.as_tensor()[0].numpy()) > 0.5
 
 
-def healthy_slices(source: VolumeSource, spec: InputSpec, preprocess: PreprocessConfig | None = None,
-                   dilate_mm: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scoring slices of one volume that do not touch its lesion mask dilated by ``dilate_mm``."""
+def stripped(source: VolumeSource, skull_strip: str = "skip", preprocess: PreprocessConfig | None = None) -> Volume:
+    """The source volume with everything outside its brain set to zero: by the brain mask beside it when it
+    has one, else by the brain-extraction stage (``skull_strip`` auto/force), else as it is."""
     volume = load_volume(source.path)
+    brain: np.ndarray | None = None
     if source.brain_mask is not None:
-        volume = Volume(np.where(load_mask(source.brain_mask), volume.data, 0).astype(np.float32),
-                        volume.affine, volume.path)
+        brain = load_mask(source.brain_mask)
+    elif skull_strip != "skip":
+        from anomaly.brain_extraction import brain_mask_for
+
+        config = preprocess or PreprocessConfig()
+        result, _ = brain_mask_for(volume, skull_strip, head_ml=config.skull_volume_ml,
+                                   tolerance=config.mask_tolerance, size=config.skull_strip_size,
+                                   contrast=source.contrast or None)
+        brain = result.mask if result is not None else None
+    if brain is None:
+        return volume
+    return Volume(np.where(brain, volume.data, 0).astype(np.float32), volume.affine, volume.path)
+
+
+def healthy_slices(source: VolumeSource, spec: InputSpec, preprocess: PreprocessConfig | None = None,
+                   dilate_mm: float = 5.0, skull_strip: str = "skip") -> tuple[torch.Tensor, torch.Tensor]:
+    """The scoring slices of one volume that do not touch its lesion mask dilated by ``dilate_mm``."""
+    volume = stripped(source, skull_strip, preprocess)
     prepared = prepare_volume(volume, preprocess or PreprocessConfig(), spec)
     index = prepared.slices
     if source.lesion_mask is not None:
@@ -177,7 +194,8 @@ def healthy_slices(source: VolumeSource, spec: InputSpec, preprocess: Preprocess
 
 
 def build_slice_set(sources: Sequence[VolumeSource], spec: InputSpec, preprocess: PreprocessConfig | None = None,
-                    dilate_mm: float = 5.0, exclude: Sequence[str] = (), progress: bool = False) -> SliceSet:
+                    dilate_mm: float = 5.0, exclude: Sequence[str] = (), progress: bool = False,
+                    skull_strip: str = "skip") -> SliceSet:
     """Healthy slices of every source, checked once more against the exclusion list."""
     images, masks, cases, contrasts = [], [], [], []
     iterator: Iterable[VolumeSource] = sources
@@ -187,7 +205,7 @@ def build_slice_set(sources: Sequence[VolumeSource], spec: InputSpec, preprocess
         iterator = tqdm(sources, desc="slices", unit="volume")
     for source in iterator:
         check_not_excluded(source.path, exclude)
-        img, msk = healthy_slices(source, spec, preprocess, dilate_mm)
+        img, msk = healthy_slices(source, spec, preprocess, dilate_mm, skull_strip)
         images.append(img)
         masks.append(msk)
         cases.extend([source.case] * len(img))

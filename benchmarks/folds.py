@@ -7,7 +7,10 @@ fold the denoiser is trained on the recipe's healthy slices minus every slice of
 map rule; then the fold's patients are scored as ``benchmarks/detection.py`` does. Prints each fold's
 figures per contrast and, per contrast, the mean and [min, max] over folds. Not a test. Usage:
 python benchmarks/folds.py [--recipes configs/train/default.yaml OTHER.yaml] [--folds 3] [--steps 600]
-(several recipes are compared at the same budget on the same folds; they must share their data list)
+(several recipes are compared at the same budget on the same folds; they must share their data list).
+``--per-contrast`` adds, per recipe, one model per contrast (T1, T2, FLAIR) at the same total budget: each
+trained for a third of the steps on its own contrast's slices alone, scoring only that contrast's scans
+(figures of the recipes and thresholding already saved for a fold are reused).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 from diffusers import AutoencoderKL
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from detection import Case, evaluate  # noqa: E402
+from detection import Case, contrast_of, evaluate  # noqa: E402
 
 from anomaly.config import ScoringSettings  # noqa: E402
 from anomaly.models import save_model_folder  # noqa: E402
@@ -70,6 +73,23 @@ def without(slices: SliceSet, patients: list[str]) -> SliceSet:
     index = torch.as_tensor(keep, dtype=torch.long)
     return SliceSet(slices.images[index], slices.masks[index], [slices.cases[i] for i in keep],
                     [slices.contrasts[i] for i in keep])
+
+
+def of_contrast(slices: SliceSet, contrast: str) -> SliceSet:
+    """The slices of one contrast."""
+    keep = torch.as_tensor([i for i, c in enumerate(slices.contrasts) if c == contrast], dtype=torch.long)
+    return SliceSet(slices.images[keep], slices.masks[keep], [slices.cases[i] for i in keep.tolist()],
+                    [contrast] * len(keep))
+
+
+def per_contrast(recipe, slices: SliceSet, patients: list[str], steps: int, out: Path,  # noqa: ANN001
+                 cases: list[Case], settings: ScoringSettings) -> dict[str, dict[str, float]]:
+    """One model per contrast, trained on that contrast alone, each scoring its own contrast's scans."""
+    table: dict[str, dict[str, float]] = {}
+    for contrast in ("t1", "t2", "flair"):
+        folder = train_fold(recipe, of_contrast(slices, contrast), patients, steps, out / contrast)
+        table |= evaluate(str(folder), [c for c in cases if contrast_of(c.group) == contrast.upper()], settings)
+    return table
 
 
 def train_fold(recipe, slices: SliceSet, patients: list[str], steps: int, out: Path) -> Path:  # noqa: ANN001
@@ -117,6 +137,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", type=int, nargs="*", default=None,
                         help="run only these folds (1-based; e.g. one per process), then summarise every fold on disk")
+    parser.add_argument("--per-contrast", action="store_true",
+                        help="also one model per contrast per recipe, each trained for a third of --steps on its "
+                             "contrast alone (the same total budget)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -137,20 +160,31 @@ def main() -> None:
     per_fold = []
     for k in range(args.folds):
         left_out = patients[k::args.folds]
-        saved = Path(args.out) / f"fold{k + 1}.json"
+        saved = Path(args.out) / f"fold{k + 1}{'-per-contrast' if args.per_contrast else ''}.json"
         if args.only and k + 1 not in args.only:
             if saved.is_file():
                 per_fold.append(json.loads(saved.read_text()))
             continue
         print(f"\n## Fold {k + 1}: left out {', '.join(left_out)}", flush=True)
         cases = patient_cases(Path(args.data), left_out)
-        results = {}
+        earlier = Path(args.out) / f"fold{k + 1}.json"
+        results = json.loads(earlier.read_text()) if args.per_contrast and earlier.is_file() else {}
         for name, recipe in recipes.items():
             t0 = time.perf_counter()
+            if name in results:
+                continue
             folder = train_fold(recipe, slices, left_out, args.steps, Path(args.out) / name / f"fold{k + 1}")
             print(f"{name}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
             results[name] = evaluate(str(folder), cases, settings)
-        results["intensity"] = evaluate("intensity", cases, settings)
+        for name, recipe in recipes.items():
+            if args.per_contrast:
+                t0 = time.perf_counter()
+                results[f"{name} per contrast"] = per_contrast(recipe, slices, left_out, args.steps // 3,
+                                                               Path(args.out) / f"{name}-per-contrast" / f"fold{k + 1}",
+                                                               cases, settings)
+                print(f"{name} per contrast: trained and scored in {time.perf_counter() - t0:.0f} s", flush=True)
+        if "intensity" not in results:
+            results["intensity"] = evaluate("intensity", cases, settings)
         for model, table in results.items():
             for group in sorted(g for g in table if g.startswith("all")):
                 r = table[group]

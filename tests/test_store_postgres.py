@@ -7,6 +7,7 @@ Each test module works in a fresh database created on that server and dropped af
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -14,14 +15,17 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import timezone
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, delete, select, text
+from sqlalchemy import create_engine, delete, event, select, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 import anomaly.store as st
+from anomaly.store.schema import SEARCH_INDEXES, compared
 from tests.conftest import child_env
 
 PG_URL = os.environ.get("ANOMALY_TEST_PG_URL", "")
@@ -62,7 +66,8 @@ def test_migrations_match_orm_and_reopen_is_idempotent(pg_url: str) -> None:
     with store.engine.connect() as conn:
         assert st.current_revision(conn) == st.head_revision()
         diffs = compare_metadata(
-            MigrationContext.configure(conn, opts={"compare_type": True}), st.Base.metadata
+            MigrationContext.configure(conn, opts={"compare_type": True, "include_object": compared}),
+            st.Base.metadata,
         )
     assert diffs == []
     assert st.upgrade_schema(store.engine) is False
@@ -209,3 +214,116 @@ def test_concurrent_calibrations_of_one_name_get_distinct_versions(pg_url: str) 
     store.close()
     assert [c.version for c in saved] == list(range(1, 46))
     assert sorted(c.data["by"] for c in saved) == sorted("abc" * 15)
+
+
+SEARCH_NAMES = {  # name -> input path; "_" and "%" in a search are literal characters, not wildcards
+    "Sub-01_T1w": "/data/in/Sub-01_T1w.nii.gz",
+    "SUB-03xT1W": "/data/in/SUB-03xT1W.nii.gz",
+    "sub-02%raw": "/data/in/sub-02%raw.nii.gz",
+    "sub-04Xraw": "/data/in/sub-04Xraw.nii.gz",
+    "plain": "/Other/Site_B/plain.nii.gz",
+    **{f"scan{i:06d}": f"/data/in/scan{i:06d}.nii.gz" for i in range(300)},
+}
+
+
+def _fill_search_run(store: st.Store) -> int:
+    from anomaly.store import bulk
+
+    now = st.utcnow()
+    with store.session() as s:
+        model = st.get_or_create_model(s, "vae", sha("w"), {})
+        run_id = st.open_run(s, model, {}, sha("s"), "/out").id
+        scan_ids = bulk.add_scans(s, [{"content_hash": sha(n), "path": p, "name": n, "created_at": now}
+                                      for n, p in SEARCH_NAMES.items()])
+        bulk.add_results(s, run_id, [
+            {"scan_id": scan_ids[sha(n)], "input_path": p, "status": "failed" if i % 7 == 3 else "ok",
+             "score": None if i % 7 == 3 else (i * 37 % 101) / 100, "created_at": now, "updated_at": now}
+            for i, (n, p) in enumerate(SEARCH_NAMES.items())])  # fmt: skip
+        st.refresh_run(s, run_id)
+        s.execute(text("ANALYZE results"))
+    return run_id
+
+
+SEARCHES = ("_t1w", "%RAW", "sub-0", "02%r", "SITE_b", "scan00029", "x", "T1W", "nothing here")
+
+
+def _expected(query: str) -> set[str]:
+    q = query.lower()
+    return {n for n, p in SEARCH_NAMES.items() if q in n.lower() or q in p.lower()}
+
+
+def test_search_indexes_serve_the_worklist_search(pg_url: str) -> None:
+    """After the upgrade the trigram indexes exist, the search uses them, and it finds exactly the results
+    whose name or input path holds the text (any case; % and _ literal), page by page and counted."""
+    store = st.open_store(pg_url)
+    run_id = _fill_search_run(store)
+    with store.engine.connect() as conn:
+        defs = dict(conn.execute(text("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'results'")).all())
+    for name, column in zip(SEARCH_INDEXES, ("scan_name", "input_path"), strict=True):
+        assert "USING gin" in defs[name] and f"{column} gin_trgm_ops" in defs[name], defs.get(name)
+    assert _expected("_t1w") == {"Sub-01_T1w"} and _expected("%RAW") == {"sub-02%raw"}
+    with store.session() as s:
+        for query in SEARCHES:
+            rows = st.run_results(s, run_id, search=query)
+            assert {r.scan_name for r in rows} == _expected(query), query
+            assert st.count_results(s, run_id, search=query) == len(rows)
+            walked, start = [], None
+            while True:
+                page = st.result_page(s, run_id, search=query, start=start, size=4)
+                walked += [r.result_id for r in page.rows]
+                if (start := page.next_start) is None:
+                    break
+            assert walked == [r.result_id for r in rows], query
+    statements: list[tuple[str, Any]] = []
+
+    def grab(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        statements.append((statement, parameters))
+
+    event.listen(store.engine, "before_cursor_execute", grab)
+    with store.session() as s:
+        assert st.count_results(s, run_id, search="sub-02%raw", most=1000) == 1
+    event.remove(store.engine, "before_cursor_execute", grab)
+    with store.engine.connect() as conn:
+        # a small table is best read whole, so leave the planner nothing else: without the run's b-tree
+        # indexes and with sequential and plain index scans off, the statement can only use indexes that
+        # serve its search condition (else the planner falls back to the disabled sequential scan)
+        for name in [n for n in defs if n.startswith("ix_results_run_id_")]:
+            conn.execute(text(f"DROP INDEX {name}"))
+        conn.execute(text("ALTER TABLE results DROP CONSTRAINT uq_results_run_id_scan_id"))
+        conn.execute(text("SET LOCAL enable_seqscan = off"))
+        conn.execute(text("SET LOCAL enable_indexscan = off"))
+        plan = "\n".join(conn.exec_driver_sql("EXPLAIN " + statements[0][0], statements[0][1]).scalars())
+        conn.rollback()
+    assert "ix_results_scan_name_trgm" in plan and "ix_results_input_path_trgm" in plan, plan
+    store.close()
+
+
+def test_upgrade_goes_on_without_pg_trgm_when_it_cannot_be_created(pg_url: str, caplog: Any) -> None:
+    """A user who may not create extensions still gets the whole schema; search works without the indexes."""
+    role = f"limited_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            try:
+                conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+            except DBAPIError:
+                pytest.skip("the test server does not let this user create roles")
+            conn.execute(text(f'GRANT CREATE, USAGE ON SCHEMA public TO "{role}"'))
+            conn.execute(text(f'REVOKE CREATE ON DATABASE "{make_url(pg_url).database}" FROM PUBLIC'))
+        url = make_url(pg_url).set(username=role).render_as_string(hide_password=False)
+        with caplog.at_level(logging.WARNING, logger="anomaly.store"):
+            store = st.open_store(url)
+        assert "worklist search indexes not created" in caplog.text and "pg_trgm" in caplog.text
+        with store.engine.connect() as conn:
+            assert st.current_revision(conn) == st.head_revision()
+            names = set(conn.execute(text("SELECT indexname FROM pg_indexes WHERE tablename = 'results'")).scalars())
+            assert not names & set(SEARCH_INDEXES) and "ix_results_run_id_score" in names
+        run_id = _fill_search_run(store)
+        with store.session() as s:
+            assert {r.scan_name for r in st.run_results(s, run_id, search="%RAW")} == {"sub-02%raw"}
+        store.close()
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP OWNED BY "{role}"'))
+            conn.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+        admin.dispose()

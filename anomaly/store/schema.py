@@ -1,7 +1,7 @@
 """ORM models of the result store: scans, models, calibrations, runs, results, findings, reviews.
 
-The Alembic migrations in ``anomaly/store/migrations`` create exactly this schema; a test checks
-that the two agree.
+The Alembic migrations in ``anomaly/store/migrations`` create exactly this schema (plus, on PostgreSQL,
+the optional search indexes of ``SEARCH_INDEXES``); a test checks that the two agree.
 """
 
 from __future__ import annotations
@@ -42,6 +42,16 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+SEARCH_INDEXES: tuple[str, ...] = ("ix_results_scan_name_trgm", "ix_results_input_path_trgm")
+"""Trigram (pg_trgm GIN) indexes serving the worklist's substring search on PostgreSQL (migration
+0005_search). Not modelled here: they exist only on PostgreSQL and only where pg_trgm could be created."""
+
+
+def compared(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+    """Alembic ``include_object`` hook: compare everything but the optional ``SEARCH_INDEXES``."""
+    return not (type_ == "index" and reflected and name in SEARCH_INDEXES)
 
 
 def utcnow() -> datetime:

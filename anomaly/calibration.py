@@ -418,8 +418,7 @@ def _binned_healthy(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], poo
         for b in range(n_bootstrap):
             scan_draws[b] = _score_threshold(scores[rng.integers(0, n_scans, n_scans)], scan_rate)[0]
     width = float(hist.edges[1] - hist.edges[0])
-    facts = {"method": "binned", "n_values": pool.n_neg, "exact_cap": pool.cap, "peak_values_held": pool.peak_held,
-             "bins": int(hist.counts.size), "bin_width": width, "range": [floor, float(hist.edges[-1])],
+    facts = {**pool.facts(), "bins": int(hist.counts.size), "bin_width": width, "range": [floor, float(hist.edges[-1])],
              "bootstrap_bin_width": float(hist.draw_edges[1] - hist.draw_edges[0]), "counters_held": hist.held,
              "note": f"more than {pool.cap:,} pooled values: the threshold is a bin edge of width {width:.3g} over "
                      "the tail (the achieved rate stays at or below the target), the bootstrap draws' edges "
@@ -460,8 +459,7 @@ def calibrate_healthy(
 
     rng = np.random.default_rng(seed)
     if pool.exact:
-        facts: dict[str, Any] = {"method": "exact", "n_values": n_voxels, "exact_cap": pool.cap,
-                                 "peak_values_held": pool.peak_held}
+        facts = pool.facts()
         voxel_threshold, exceed, voxel_draws, scan_draws = _exact_healthy(
             pool, floor, target_fpr, scores, scan_target_fpr, n_bootstrap, rng)
     else:

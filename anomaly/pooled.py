@@ -70,6 +70,11 @@ class ValuePool:
             self.exact = False
             self.positives, self.negatives = [], []
 
+    def facts(self) -> dict[str, Any]:
+        """How the pool went: exact or binned, the values seen, the cap and the most held at once."""
+        return {"method": "exact" if self.exact else "binned", "n_values": self.n_pos + self.n_neg,
+                "exact_cap": self.cap, "peak_values_held": self.peak_held}
+
     def ranked(self) -> RankedScores:
         """The exact pooled scores (one sorted copy; the pieces are released)."""
         if not self.exact:
@@ -190,8 +195,7 @@ def pooled_scores(pool: ValuePool, again: Callable[[], Iterable[tuple[np.ndarray
 
 def pooling_facts(scores: CurveMetrics, pool: ValuePool) -> dict[str, Any]:
     """How the pooled figures were computed (exact or binned, the bin width), for summaries and metrics."""
-    facts: dict[str, Any] = {"method": "exact" if pool.exact else "binned", "n_values": pool.n_pos + pool.n_neg,
-                             "exact_cap": pool.cap, "peak_values_held": pool.peak_held}
+    facts = pool.facts()
     if isinstance(scores, BinnedScores):
         facts.update(bins=int(scores.pos_counts.size), bin_width=scores.bin_width,
                      range=[float(scores.edges[0]), float(scores.edges[-1])],

@@ -69,17 +69,12 @@ def patient_cases(root: Path, patients: list[str]) -> list[Case]:
 
 def without(slices: SliceSet, patients: list[str]) -> SliceSet:
     """The slices whose volume belongs to none of ``patients``."""
-    keep = [i for i, case in enumerate(slices.cases) if matches_exclusion(case, patients) is None]
-    index = torch.as_tensor(keep, dtype=torch.long)
-    return SliceSet(slices.images[index], slices.masks[index], [slices.cases[i] for i in keep],
-                    [slices.contrasts[i] for i in keep])
+    return slices.subset([i for i, case in enumerate(slices.cases) if matches_exclusion(case, patients) is None])
 
 
 def of_contrast(slices: SliceSet, contrast: str) -> SliceSet:
     """The slices of one contrast."""
-    keep = torch.as_tensor([i for i, c in enumerate(slices.contrasts) if c == contrast], dtype=torch.long)
-    return SliceSet(slices.images[keep], slices.masks[keep], [slices.cases[i] for i in keep.tolist()],
-                    [contrast] * len(keep))
+    return slices.subset([i for i, c in enumerate(slices.contrasts) if c == contrast])
 
 
 def per_contrast(recipe, slices: SliceSet, patients: list[str], steps: int, out: Path,  # noqa: ANN001

@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from tests.conftest import write_nifti
 
 SIZE = 20
 """Edge of the cubic maps (voxels)."""
@@ -53,12 +54,6 @@ def synthetic_scans(n: int, size: int = SIZE) -> Iterator[SyntheticScan]:
     return (synthetic_scan(i, size) for i in range(n))
 
 
-def _save(path: Path, data: np.ndarray, dtype: type = np.float32) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.asarray(data, dtype=dtype), np.eye(4)), str(path))
-    return str(path)
-
-
 def scored_run(root: Path, n: int, *, voxel_threshold: float = 0.6, size: int = SIZE) -> tuple[str, int, Path]:
     """Write ``n`` synthetic scans' maps, brain masks and labels under ``root`` and record them as one
     calibrated run in ``root/r.db``; returns the store URL, the run id and the labels folder."""
@@ -69,10 +64,10 @@ def scored_run(root: Path, n: int, *, voxel_threshold: float = 0.6, size: int = 
     rows = []
     for i, scan in enumerate(synthetic_scans(n, size)):
         name = f"scan{i:05d}"
-        map_path = _save(out / f"{name}_anomaly.nii.gz", scan.amap)
-        _save(out / f"{name}_brain.nii.gz", scan.brain, np.uint8)
+        map_path = str(write_nifti(out / f"{name}_anomaly.nii.gz", scan.amap))
+        write_nifti(out / f"{name}_brain.nii.gz", scan.brain.astype(np.uint8), dtype=np.uint8)
         if scan.label.any():
-            _save(labels / f"{name}.nii.gz", scan.label, np.uint8)
+            write_nifti(labels / f"{name}.nii.gz", scan.label.astype(np.uint8), dtype=np.uint8)
         rows.append((name, map_path, float(np.percentile(scan.amap[scan.brain], 99))))
     labels.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{root / 'r.db'}"

@@ -67,6 +67,12 @@ class SliceSet:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def subset(self, keep: Sequence[int]) -> SliceSet:
+        """The slices at positions ``keep``, in that order."""
+        index = torch.as_tensor(list(keep), dtype=torch.long)
+        return SliceSet(self.images[index], self.masks[index], [self.cases[i] for i in keep],
+                        [self.contrasts[i] for i in keep])
+
     def to_dict(self) -> dict[str, object]:
         return {"images": self.images, "masks": self.masks, "cases": self.cases, "contrasts": self.contrasts}
 
@@ -152,7 +158,7 @@ def lesion_on_grid(mask_path: Path, prepared: PreparedVolume) -> np.ndarray:
     return np.asarray(out.as_tensor()[0].numpy()) > 0.5
 
 
-def stripped(source: VolumeSource, skull_strip: str = "skip", preprocess: PreprocessConfig | None = None) -> Volume:
+def stripped(source: VolumeSource, skull_strip: str, preprocess: PreprocessConfig) -> Volume:
     """The source volume with everything outside its brain set to zero: by the brain mask beside it when it
     has one, else by the brain-extraction stage (``skull_strip`` auto/force), else as it is."""
     volume = load_volume(source.path)
@@ -162,9 +168,8 @@ def stripped(source: VolumeSource, skull_strip: str = "skip", preprocess: Prepro
     elif skull_strip != "skip":
         from anomaly.brain_extraction import brain_mask_for
 
-        config = preprocess or PreprocessConfig()
-        result, _ = brain_mask_for(volume, skull_strip, head_ml=config.skull_volume_ml,
-                                   tolerance=config.mask_tolerance, size=config.skull_strip_size,
+        result, _ = brain_mask_for(volume, skull_strip, head_ml=preprocess.skull_volume_ml,
+                                   tolerance=preprocess.mask_tolerance, size=preprocess.skull_strip_size,
                                    contrast=source.contrast or None)
         brain = result.mask if result is not None else None
     if brain is None:
@@ -175,8 +180,8 @@ def stripped(source: VolumeSource, skull_strip: str = "skip", preprocess: Prepro
 def healthy_slices(source: VolumeSource, spec: InputSpec, preprocess: PreprocessConfig | None = None,
                    dilate_mm: float = 5.0, skull_strip: str = "skip") -> tuple[torch.Tensor, torch.Tensor]:
     """The scoring slices of one volume that do not touch its lesion mask dilated by ``dilate_mm``."""
-    volume = stripped(source, skull_strip, preprocess)
-    prepared = prepare_volume(volume, preprocess or PreprocessConfig(), spec)
+    preprocess = preprocess or PreprocessConfig()
+    prepared = prepare_volume(stripped(source, skull_strip, preprocess), preprocess, spec)
     index = prepared.slices
     if source.lesion_mask is not None:
         lesion = lesion_on_grid(source.lesion_mask, prepared)

@@ -21,7 +21,7 @@ def add_db_option(parser: argparse.ArgumentParser) -> None:
                         help="database URL or SQLite file path (default: $ANOMALY_DB, else ./anomaly.db)")
 
 
-def _positive_int(value: str) -> int:
+def _count(value: str) -> int:
     try:
         number = int(value.replace("_", "").replace(",", ""))
     except ValueError:
@@ -35,7 +35,7 @@ def add_exact_voxels_option(parser: argparse.ArgumentParser) -> None:
     """``--exact-voxels N``: pooled brain voxels up to which pooled figures are exact (binned above)."""
     from anomaly.pooled import DEFAULT_BINS, DEFAULT_CAP
 
-    parser.add_argument("--exact-voxels", type=_positive_int, default=DEFAULT_CAP, metavar="N",
+    parser.add_argument("--exact-voxels", type=_count, default=DEFAULT_CAP, metavar="N",
                         help=f"pooled brain voxels held for exact figures (default {DEFAULT_CAP:,}, about "
                              f"{DEFAULT_CAP * 4 // 10**6} MB); above, the maps are read twice and pooled in "
                              f"{DEFAULT_BINS:,} bins, so memory stays bounded (the summary gives the bin width)")

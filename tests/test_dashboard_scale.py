@@ -1,7 +1,9 @@
 """Pages read only what they show: the SQL statements and the rows each dashboard interaction reads stay the
 same whether a run holds 200 or 4,000 scans (real SQLite, and PostgreSQL when ``ANOMALY_TEST_PG_URL`` is
-set; the real app script through Streamlit's ``AppTest``). SQLite also counts the virtual-machine steps
-of every statement, which grow with the rows a statement scans, not only with those it returns."""
+set; the real app script through Streamlit's ``AppTest``). Every 50th scan failed, so the failed scans grow
+with the run as well (beyond a page of them). Rows returned are not enough: a statement may read and sort many rows to return a few.
+SQLite therefore also counts the virtual-machine steps of every statement, and PostgreSQL replays each
+query under ``EXPLAIN ANALYZE`` and counts the rows its scans read (filtered-out rows included)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 import anomaly.store as st  # noqa: E402
 from anomaly.store import bulk  # noqa: E402
+from dashboard.views.worklist import COUNT_LIMIT  # noqa: E402
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 PG_URL = os.environ.get("ANOMALY_TEST_PG_URL", "")
@@ -41,9 +44,10 @@ class Meter:
     statements: list[str] = field(default_factory=list)
     rows: int = 0
     steps: int = 0
+    queries: list[tuple[str, Any]] = field(default_factory=list)  # PostgreSQL reads, replayed under EXPLAIN
 
     def reset(self) -> None:
-        self.statements, self.rows, self.steps = [], 0, 0
+        self.statements, self.rows, self.steps, self.queries = [], 0, 0, []
 
 
 METER = Meter()
@@ -65,8 +69,10 @@ def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.set_progress_handler(_tick, STEP_EVERY)
 
 
-def _before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+def _before(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
     METER.statements.append(statement)
+    if conn.dialect.name == "postgresql" and statement.lstrip().upper().startswith(("SELECT", "WITH")):
+        METER.queries.append((statement, parameters))
 
 
 def _after(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
@@ -94,7 +100,8 @@ def _nifti(path: Path, data: np.ndarray) -> str:
 
 
 def seed(url: str, root: Path, n: int) -> int:
-    """A calibrated run of ``n`` results (3 failed, 10 reviewed by two readers, one finding each)
+    """A calibrated run of ``n`` results (30 of the first 150 failed, then every 50th; 10 reviewed by two
+    readers; one finding each)
     inserted in bulk; all share three small NIfTI files in the run's folder. Returns the run id."""
     rng = np.random.default_rng(0)
     out = root / "out"
@@ -114,7 +121,7 @@ def seed(url: str, root: Path, n: int) -> int:
         scores = rng.random(n)
         rows = []
         for i, h in enumerate(hashes):
-            failed = i in (7, 57, 97)
+            failed = i % 5 == 2 if i < 150 else i % 50 == 7  # more than a page of them at either size
             rows.append({"scan_id": scan_ids[h], "input_path": f"/in/scan{i:05d}.nii.gz",
                          "status": "failed" if failed else "ok", "error": "damaged file" if failed else None,
                          "score": None if failed else float(scores[i]), "flagged": None if failed else scores[i] > 0.3,
@@ -154,29 +161,73 @@ def interactions(at: AppTest) -> list[tuple[str, Callable[[], AppTest]]]:
     ]
 
 
-def measure(url: str, meter: Meter, monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[int, int, int]]:
-    """(statements, rows, steps) of each interaction, after a first load."""
+SCANS = ("Seq Scan", "Index Scan", "Index Only Scan", "Bitmap Heap Scan")
+
+
+def rows_scanned(plan: dict[str, Any]) -> int:
+    """Rows the scans of a PostgreSQL plan read: those they passed on and those their filters removed."""
+    loops = plan.get("Actual Loops", 1)
+    own = 0
+    if plan["Node Type"] in SCANS:
+        own = (plan["Actual Rows"] + plan.get("Rows Removed by Filter", 0)
+               + plan.get("Rows Removed by Index Recheck", 0)) * loops
+    return own + sum(rows_scanned(child) for child in plan.get("Plans", []))
+
+
+def replay(url: str, queries: list[tuple[str, Any]]) -> list[tuple[int, int]]:
+    """Rows read by each query, from ``EXPLAIN (ANALYZE, FORMAT JSON)`` on the same database: as planned, and
+    with sequential scans discouraged (on a small run the planner would rather read a whole tiny table than
+    walk an index, which hides what the indexes allow)."""
+    engine = create_engine(url)
+    found: list[list[int]] = [[] for _ in queries]
+    try:
+        with engine.connect() as conn:
+            for setting in ("on", "off"):
+                conn.exec_driver_sql(f"SET enable_seqscan = {setting}")
+                for row, (sql, params) in zip(found, queries, strict=True):
+                    plan = conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).scalar_one()
+                    row.append(rows_scanned(plan[0]["Plan"]))
+    finally:
+        engine.dispose()
+    return [(planned, indexed) for planned, indexed in found]
+
+
+Found = tuple[int, int, int, list[tuple[str, tuple[int, int]]]]
+
+
+def measure(url: str, meter: Meter, monkeypatch: pytest.MonkeyPatch) -> dict[str, Found]:
+    """(statements, rows, steps, PostgreSQL rows read per query) of each interaction, after a first load."""
     monkeypatch.setenv("ANOMALY_DB", url)
     at = AppTest.from_file(APP, default_timeout=120)
     at.session_state["reviewer"] = "cat"
     at.run()
-    found: dict[str, tuple[int, int, int]] = {}
+    found: dict[str, Found] = {}
     for label, action in interactions(at):
         meter.reset()
         action()
         assert not at.exception, (label, [e.value for e in at.exception])
-        found[label] = (len(meter.statements), meter.rows, meter.steps)
+        counted, queries = (len(meter.statements), meter.rows, meter.steps), list(meter.queries)
+        read = replay(url, queries) if queries else []  # after the counting: the replay is metered too
+        found[label] = (*counted, [(sql, n) for (sql, _), n in zip(queries, read, strict=True)])
     return found
 
 
-def check(small: dict[str, tuple[int, int, int]], large: dict[str, tuple[int, int, int]], steps: bool) -> None:
-    for label, (n_small, rows_small, steps_small) in small.items():
-        n_large, rows_large, steps_large = large[label]
+def check(small: dict[str, Found], large: dict[str, Found], steps: bool) -> None:
+    for label, (n_small, rows_small, steps_small, read_small) in small.items():
+        n_large, rows_large, steps_large, read_large = large[label]
         assert n_large == n_small, f"{label}: {n_small} statements at {SIZES[0]} scans, {n_large} at {SIZES[1]}"
         assert rows_large == rows_small, f"{label}: {rows_small} rows read at {SIZES[0]} scans, {rows_large} at {SIZES[1]}"
         if steps:  # B-tree depth grows with the run, and a filtered count reads up to 1,000 index entries
             # (the worklist's cap); work that scanned the run would grow 20 times
             assert steps_large <= 3 * steps_small + 20, f"{label}: {steps_small} VM steps at {SIZES[0]}, {steps_large} at {SIZES[1]}"
+        for (sql, small_read), (_, large_read) in zip(read_small, read_large, strict=True):
+            # what the indexes allow at each size (a planner may prefer reading a tiny table whole)
+            small_n, large_n = min(small_read), min(large_read)
+            # a filtered count stops after the worklist's cap of matches (plus one, to say "more than"), whatever
+            # the run; a scan may pass over some rows that do not match on the way
+            allowed = max(small_n, 2 * (COUNT_LIMIT + 1)) if "count(" in sql else small_n
+            assert large_n <= allowed, (f"{label}: a query read {small_n} rows at {SIZES[0]} scans and {large_n} at "
+                                        f"{SIZES[1]}: {' '.join(sql.split())[-400:]}")
 
 
 def test_sqlite_reads_per_interaction_do_not_grow_with_the_run(
@@ -219,5 +270,10 @@ def test_postgresql_reads_per_interaction_do_not_grow_with_the_run(
     found = {}
     for n, url in zip(SIZES, pg_urls, strict=True):
         seed(url, tmp_path / f"files{n}", n)
+        engine = create_engine(url, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(text("ANALYZE"))  # as autovacuum does after a bulk fill: the planner sees the run's size
+        engine.dispose()
         found[n] = measure(url, metered, monkeypatch)
+    assert any(read for *_, read in found[SIZES[0]].values())  # the replay saw the app's queries
     check(found[SIZES[0]], found[SIZES[1]], steps=False)

@@ -120,9 +120,11 @@ def test_existing_folders_are_migrated_and_an_overwritten_map_is_scored_again(tm
     for column in ("source_meta", "patient_hash", "acquisition_date", "series_description", "series_uid",
                    "study_uid", "source"):
         con.execute(f"alter table scans drop column {column}")
-    for name in ("run_id_id", "run_id_scan_name_id", "run_id_updated_at_id", "run_id_timing_s_id",
-                 "run_id_status_score", "run_id_flagged_score", "run_id_verdict_score", "run_id_reviewer_score"):
+    for name in ("run_id_id", "run_id_scan_name_id", "run_id_updated_at_id", "run_id_timing_s_id", "run_id_score_id",
+                 "run_id_status_score_id", "run_id_flagged_score_id", "run_id_verdict_score_id",
+                 "run_id_reviewer_score_id"):
         con.execute(f"drop index ix_results_{name}")  # and without the listing copies and run counts
+    con.execute("create index ix_results_run_id_score on results (run_id, score)")
     for table, columns in (("results", ("scan_name", "n_findings", "verdict", "reviewer", "reviewed_at", "review_id")),
                            ("runs", ("n_flagged", "n_reviewed", "n_findings", "n_reviews", "n_timed", "version",
                                      "timing_total_s"))):

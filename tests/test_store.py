@@ -636,6 +636,29 @@ def test_export_tables(store: Store, populated: dict[str, int]) -> None:
     assert all(list(r) == list(st.REVIEW_COLUMNS) for r in reviews)
 
 
+def test_newest_reviews_walk_back_through_windows(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Export preview's newest reviews of a run, read a few review ids at a time, equal the newest of
+    the full table, across windows and with another run's reviews in between."""
+    import anomaly.store.tables as tables
+
+    monkeypatch.setattr(tables, "REVIEW_WINDOW", 3)
+    with store.session() as s:
+        model = get_or_create_model(s, "vae", sha("w"), {})
+        runs = [open_run(s, model, {}, sha(f"s{k}"), f"/out{k}") for k in range(2)]
+        results = {}
+        for k, run in enumerate(runs):
+            for i in range(4):
+                scan = get_or_create_scan(s, sha(f"scan{i}"), f"/scan{i}.nii", f"scan{i}")
+                results[k, i] = upsert_result(s, run, scan, status="ok", input_path=f"/scan{i}.nii", score=0.1 * i).id
+        for step in range(14):  # run 0 gets two reviews for each one of run 1
+            add_review(s, results[int(step % 3 == 0), step % 4], f"r{step}", "normal", f"note {step}")
+        for run in runs:
+            everything = sorted(st.reviews_table(s, run.id), key=lambda r: r["note"].split()[1].zfill(3), reverse=True)
+            for limit in (1, 4, 20):
+                assert st.reviews_table(s, run.id, limit=limit) == everything[:limit]
+        assert [r["note"] for r in st.reviews_table(s, None, limit=2)] == ["note 13", "note 12"]
+
+
 def test_export_names_calibration(store: Store) -> None:
     with store.session() as s:
         model = get_or_create_model(s, "vae", sha("w"), {})

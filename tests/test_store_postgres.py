@@ -317,7 +317,7 @@ def test_upgrade_goes_on_without_pg_trgm_when_it_cannot_be_created(pg_url: str, 
         with store.engine.connect() as conn:
             assert st.current_revision(conn) == st.head_revision()
             names = set(conn.execute(text("SELECT indexname FROM pg_indexes WHERE tablename = 'results'")).scalars())
-            assert not names & set(SEARCH_INDEXES) and "ix_results_run_id_score" in names
+            assert not names & set(SEARCH_INDEXES) and "ix_results_run_id_score_id" in names
         run_id = _fill_search_run(store)
         with store.session() as s:
             assert {r.scan_name for r in st.run_results(s, run_id, search="%RAW")} == {"sub-02%raw"}

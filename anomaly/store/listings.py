@@ -208,8 +208,7 @@ def _walk(s: Session, run_id: int, order: Order, filters: Filters, start: Positi
         stmt = base.where(order.key.is_(None))
         if start is not None and start.null:
             stmt = stmt.where(after(order, start))
-        ident = Result.id.desc() if order.id_descending else Result.id.asc()
-        rows += [_row(r._mapping) for r in s.execute(stmt.order_by(ident).limit(limit - len(rows)))]
+        rows += [_row(r._mapping) for r in s.execute(stmt.order_by(*order.null_by()).limit(limit - len(rows)))]
     return rows
 
 
@@ -218,8 +217,7 @@ def _walk_back(s: Session, run_id: int, order: Order, filters: Filters, start: P
     back = order.reversed()
     base = _rows_select(run_id).where(*filters.conditions())
     if order.key is not None and start.null:
-        ident = Result.id.desc() if back.id_descending else Result.id.asc()
-        found = s.execute(base.where(order.key.is_(None), after(back, start)).order_by(ident).limit(1)).first()
+        found = s.execute(base.where(order.key.is_(None), after(back, start)).order_by(*back.null_by()).limit(1)).first()
         if found is not None:
             return _row(found._mapping)
         stmt = base.where(order.key.is_not(None))

@@ -212,16 +212,17 @@ class Result(Base):
     __tablename__ = "results"
     __table_args__ = (
         UniqueConstraint("run_id", "scan_id"),
-        Index(None, "run_id", "score"),
-        # one index per order and per filter the worklist offers (migration 0004_scale)
+        # one index per order and per filter the worklist offers (migration 0004_scale), each ending with the
+        # id so that ties (and the NULL keys of failed scans) come out in id order (0006_null_keys)
+        Index(None, "run_id", "score", "id"),
         Index(None, "run_id", "id"),
         Index(None, "run_id", "scan_name", "id"),
         Index(None, "run_id", "updated_at", "id"),
         Index(None, "run_id", "timing_s", "id"),
-        Index(None, "run_id", "status", "score"),
-        Index(None, "run_id", "flagged", "score"),
-        Index(None, "run_id", "verdict", "score"),
-        Index(None, "run_id", "reviewer", "score"),
+        Index(None, "run_id", "status", "score", "id"),
+        Index(None, "run_id", "flagged", "score", "id"),
+        Index(None, "run_id", "verdict", "score", "id"),
+        Index(None, "run_id", "reviewer", "score", "id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

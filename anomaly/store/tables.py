@@ -88,24 +88,46 @@ def _findings_select(run_id: int | None) -> Select:
     return stmt if run_id is None else stmt.where(Result.run_id == run_id)
 
 
-def _reviews_select(run_id: int | None, newest_first: bool = False) -> Select:
+def _reviews_select(run_id: int | None) -> Select:
     stmt = (
         select(
             Result.run_id.label("run_id"), Result.id.label("result_id"), Scan.content_hash.label("scan_id"),
             Result.input_path.label("path"), Scan.name.label("name"), Result.score.label("score"),
             Result.flagged.label("flagged"), Review.reviewer.label("reviewer"), Review.verdict.label("verdict"),
-            Review.note.label("note"), Review.created_at.label("created_at"),
+            Review.note.label("note"), Review.created_at.label("created_at"), Review.id.label("review_id"),
         )  # fmt: skip
         .join(Result, Result.id == Review.result_id)
         .join(Scan, Scan.id == Result.scan_id)
-        .order_by(*((Review.id.desc(),) if newest_first else
-                    (Result.run_id, Result.id, Review.created_at, Review.id)))
     )
-    if run_id is None:
-        return stmt
-    # newest first walks the reviews back from the newest and checks each one's run (``+ 0`` keeps the
-    # planner from starting at the run's results instead, which would walk every result of the run)
-    return stmt.where((Result.run_id + 0 if newest_first else Result.run_id) == run_id)
+    return stmt if run_id is None else stmt.where(Result.run_id == run_id)
+
+
+REVIEW_WINDOW = 500
+"""Reviews looked at per statement while walking back from the newest (``iter_reviews_table`` with a limit)."""
+
+
+def _newest_reviews(s: Session, run_id: int | None, limit: int) -> Iterator[dict[str, Any]]:
+    """The ``limit`` newest reviews (of one run or all), newest first: each statement takes the next
+    ``REVIEW_WINDOW`` review ids back from the newest and keeps those of the run, so it reads that window
+    and never the run's results (left to itself, a planner may walk the run's results to find a few reviews)."""
+    before: int | None = None
+    while limit > 0:
+        window = select(Review.id, Review.result_id).order_by(Review.id.desc()).limit(REVIEW_WINDOW)
+        if before is not None:
+            window = window.where(Review.id < before)
+        pairs = s.execute(window).all()
+        if not pairs:
+            return
+        ids = [review for review, _ in pairs]
+        # both id lists: each side is looked up by its primary key, whatever the planner thinks of the run
+        stmt = (_reviews_select(run_id).where(Review.id.in_(ids), Result.id.in_({result for _, result in pairs}))
+                .order_by(Review.id.desc()).limit(limit))
+        for row in s.execute(stmt):
+            limit -= 1
+            yield {name: _plain(row._mapping[name]) for name in REVIEW_COLUMNS}
+        if len(ids) < REVIEW_WINDOW:
+            return
+        before = ids[-1]
 
 
 def iter_results_table(s: Session, run_id: int | None = None, limit: int | None = None) -> Iterator[dict[str, Any]]:
@@ -121,7 +143,10 @@ def iter_findings_table(s: Session, run_id: int | None = None, limit: int | None
 def iter_reviews_table(s: Session, run_id: int | None = None, limit: int | None = None) -> Iterator[dict[str, Any]]:
     """One row per review (of one run or all), in ``REVIEW_COLUMNS`` order, streamed; with ``limit``, the
     newest reviews (walked from the newest review back, so a preview never walks a run's results)."""
-    return _stream(s, _reviews_select(run_id, newest_first=limit is not None), REVIEW_COLUMNS, limit)
+    if limit is not None:
+        return _newest_reviews(s, run_id, limit)
+    stmt = _reviews_select(run_id).order_by(Result.run_id, Result.id, Review.created_at, Review.id)
+    return _stream(s, stmt, REVIEW_COLUMNS, None)
 
 
 def results_table(s: Session, run_id: int | None = None, limit: int | None = None) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from anomaly.contrast import check_contrast_setting
 from_dict = build
 """The strict builder of :mod:`anomaly.configparse` under its earlier name."""
 
-__all__ = ["PRECISIONS", "ConfigError", "PostprocessConfig", "PreprocessConfig", "ScoreConfig", "ScoringSettings",
+__all__ = ["DEFAULT_PRECISION", "PRECISIONS", "ConfigError", "PostprocessConfig", "PreprocessConfig", "ScoreConfig", "ScoringSettings",
            "build", "from_dict", "load_scoring_settings", "load_yaml", "native_bf16", "resolve_precision"]
 
 
@@ -137,14 +137,21 @@ def resolve_precision(value: str | None, device: str = "cpu") -> str:
     return str(value)
 
 
+DEFAULT_PRECISION = "auto"
+"""Precision of the command line and settings files when none is named: bf16 where the device computes it
+natively (its maps agree with fp32's: voxel AUPRC within 0.001 on the held-out cases, see the README), else
+fp32. ``ScoringSettings()`` itself stays fp32, so library results do not depend on the hardware."""
+
+
 def load_scoring_settings(path: str | os.PathLike[str] | None = None, *, contrast: str | None = None,
                           preprocess: dict[str, Any] | None = None, device: str = "cpu",
                           **overrides: Any) -> ScoringSettings:
     """Scoring settings from a YAML file (or the defaults), with keyword overrides applied on top
     (``contrast`` overrides ``preprocess.contrast``; ``preprocess`` overrides any preprocessing keys);
-    precision ``auto`` is resolved for ``device``."""
+    precision ``auto`` (the default, ``DEFAULT_PRECISION``) is resolved for ``device``."""
     data = load_yaml(path) if path else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
+    data.setdefault("precision", DEFAULT_PRECISION)
     if data.get("precision") == "auto":
         data["precision"] = resolve_precision("auto", device)
     extra = {k: v for k, v in (preprocess or {}).items() if v is not None}

@@ -26,7 +26,8 @@ def test_no_verb_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_shipped_settings_file_holds_the_defaults() -> None:
-    assert load_scoring_settings(REPO / "configs" / "score" / "default.yaml") == ScoringSettings()
+    shipped = load_scoring_settings(REPO / "configs" / "score" / "default.yaml")
+    assert shipped == ScoringSettings(precision="auto") == load_scoring_settings()
 
 
 def test_precision_auto_is_bf16_only_where_the_hardware_has_it(tmp_path) -> None:  # noqa: ANN001
@@ -41,7 +42,8 @@ def test_precision_auto_is_bf16_only_where_the_hardware_has_it(tmp_path) -> None
     expected = "bf16" if native_bf16("cpu") else "fp32"
     assert resolve_precision("auto") == expected and resolve_precision(None) == expected
     assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
-    assert load_scoring_settings().precision == "fp32"  # the default stays fp32 (see the README)
+    assert load_scoring_settings().precision == expected  # the command line's default: auto (see the README)
+    assert ScoringSettings().precision == "fp32"  # the library's stays fp32: results independent of the hardware
     assert load_scoring_settings(precision="auto").precision == expected
     assert ScoringSettings(precision="auto").precision == expected
     assert load_scoring_settings(precision="fp32").precision == "fp32"

@@ -30,7 +30,7 @@ def test_unknown_and_mistyped_settings_are_named_with_the_file(tmp_path: Path) -
     assert settings.score.fraction == 0.001 and settings.score.method == "max"
     config.write_text("preprocess:\n  spacing: [1, 1, 2]\n")
     assert load_scoring_settings(config).preprocess.spacing == (1.0, 1.0, 2.0)
-    assert load_scoring_settings(None) == ScoringSettings()
+    assert load_scoring_settings(None) == ScoringSettings(precision="auto")
 
 
 def test_a_typo_in_a_model_folder_is_one_line_that_names_the_file(tmp_path: Path,

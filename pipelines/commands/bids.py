@@ -41,7 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force-calibration", action="store_true",
                    help="apply --calibration even when it was made with other scoring settings")
     p.add_argument("--config", metavar="YAML", help="scoring settings (default: configs/score/default.yaml values)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), help="model arithmetic")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                   help="model arithmetic (default auto: bf16 where the device has native bf16 units, else fp32)")
     add_contrast_option(p)
     p.add_argument("--batch-size", type=int, help="slices per model call")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")

@@ -49,7 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "the database file)")
     p.add_argument("--config", metavar="YAML", help="scoring settings; score later with the same file")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
-                   help="model arithmetic (auto: bf16 where the CPU has native bf16 units); score later with the same")
+                   help="model arithmetic (default auto: bf16 where the device has native bf16 units, else fp32); "
+                        "score later with the same")
     add_contrast_option(p)
     add_raw_input_options(p)
     p.add_argument("--batch-size", type=int, help="slices per model call (speed only)")

@@ -11,6 +11,11 @@ python benchmarks/folds.py [--recipes configs/train/default.yaml OTHER.yaml] [--
 ``--per-contrast`` adds, per recipe, one model per contrast (T1, T2, FLAIR) at the same total budget: each
 trained for a third of the steps on its own contrast's slices alone, scoring only that contrast's scans
 (figures of the recipes and thresholding already saved for a fold are reused).
+``--resolutions 1.5:128 1.0:192`` trains and scores each recipe at every listed input grid (spacing in mm,
+slice size in pixels) at the same step budget; what is set in pixels (crop size, blob radii, the map's median
+filter) is rescaled so that it covers the same millimetres as at the recipe's own grid.
+``--blob-from N`` starts the synthetic lesion blobs at step N of every fold (short budgets never reach the
+recipe's own ``blob_from_step``).
 """
 
 from __future__ import annotations
@@ -87,13 +92,31 @@ def per_contrast(recipe, slices: SliceSet, patients: list[str], steps: int, out:
     return table
 
 
-def train_fold(recipe, slices: SliceSet, patients: list[str], steps: int, out: Path) -> Path:  # noqa: ANN001
+def at_resolution(recipe, settings: ScoringSettings, grid: str):  # noqa: ANN001, ANN201
+    """The recipe and scoring settings on another input grid ``SPACING:SIZE`` (mm, px): pixel-sized settings
+    (crop size, blob radii, median filter) are rescaled to cover the same millimetres."""
+    spacing, size = grid.split(":")
+    mm, px = float(spacing), int(size)
+    ratio = float(recipe.data.spacing[0]) / mm  # pixels at the new grid per pixel at the recipe's own
+    data = replace(recipe.data, spacing=(mm, mm, mm), slice_size=px)
+    low, high = recipe.denoiser.blob_radius_px
+    denoiser = replace(recipe.denoiser, crop_size=int(round(recipe.denoiser.crop_size * ratio / 8)) * 8,
+                       blob_radius_px=(float(low) * ratio, float(high) * ratio))
+    median = int(settings.postprocess.median_size * ratio) // 2 * 2 + 1  # the odd size at or just below
+    return (replace(recipe, data=data, denoiser=denoiser),
+            replace(settings, postprocess=replace(settings.postprocess, median_size=median)))
+
+
+def train_fold(recipe, slices: SliceSet, patients: list[str], steps: int, out: Path,  # noqa: ANN001
+               blob_from: int | None = None) -> Path:
     """The recipe's denoiser trained for ``steps`` without ``patients``; its model folder."""
     folder = out / "model"
     if (folder / "anomaly_model.json").is_file():
         return folder
     config = replace(recipe.denoiser, max_steps=steps, crop_until_step=int(steps * 2 / 3), val_every=steps,
                      max_minutes=0)
+    if blob_from is not None:
+        config = replace(config, blob_from_step=blob_from)
     result = train_denoiser(without(slices, patients), None, config, out, slice_size=recipe.data.slice_size,
                             augment=recipe.vae.augment, seed=recipe.seed, progress=False)
     vae = AutoencoderKL.from_pretrained(recipe.vae_from, local_files_only=True)
@@ -121,6 +144,15 @@ def summarise(per_fold: list[dict[str, dict[str, dict[str, float]]]]) -> None:
                   f"{len(rows)} |")
 
 
+def all_slices(recipe, work: Path) -> SliceSet:  # noqa: ANN001
+    """Every healthy slice of the recipe (training and validation together), cached in ``work``."""
+    train, val = gather_slices(recipe, work, progress=False)
+    if val is None:
+        return train
+    return SliceSet(torch.cat([train.images, val.images]), torch.cat([train.masks, val.masks]),
+                    train.cases + val.cases, train.contrasts + val.contrasts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="+", default=["configs/train/default.yaml"])
@@ -135,6 +167,10 @@ def main() -> None:
     parser.add_argument("--per-contrast", action="store_true",
                         help="also one model per contrast per recipe, each trained for a third of --steps on its "
                              "contrast alone (the same total budget)")
+    parser.add_argument("--resolutions", nargs="+", default=None, metavar="MM:PX",
+                        help="input grids to compare at the same budget, e.g. 1.5:128 1.0:192 (default: the recipe's)")
+    parser.add_argument("--blob-from", type=int, default=None,
+                        help="start the synthetic lesion blobs at this step of each fold (default: the recipe's step)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -143,15 +179,24 @@ def main() -> None:
     for name, recipe in recipes.items():
         if recipe.stage != "denoiser" or recipe.data != first.data:
             raise SystemExit(f"{name}: folds retrain the denoiser stage of recipes that share one data list")
-    train, val = gather_slices(first, Path(args.slices or first.out), progress=False)
-    slices = SliceSet(torch.cat([train.images, val.images]) if val else train.images,
-                      torch.cat([train.masks, val.masks]) if val else train.masks,
-                      train.cases + (val.cases if val else []), train.contrasts + (val.contrasts if val else []))
+    settings = ScoringSettings()
+    arms: dict[str, tuple] = {}  # name -> (recipe, scoring settings, slices)
+    grids: dict[str, SliceSet] = {}
+    for name, recipe in recipes.items():
+        for grid in args.resolutions or [None]:
+            arm, arm_settings = at_resolution(recipe, settings, grid) if grid else (recipe, settings)
+            key = f"{arm.data.spacing[0]}:{arm.data.slice_size}"
+            if key not in grids:
+                own = arm.data == first.data and args.slices
+                grids[key] = all_slices(arm, Path(args.slices) if own else Path(args.out) / f"slices-{key.replace(':', 'mm-')}")
+            arms[f"{name} {grid}" if grid else name] = (arm, arm_settings, grids[key])
     patients = lesion_patients(Path(args.data), list(first.data.all_excluded))
     print(f"# leave-patients-out folds, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{platform.processor() or platform.machine()}, {args.threads} threads, {args.steps} steps per fold, "
-          f"{len(patients)} patients in {args.folds} folds, recipes {', '.join(recipes)}")
-    settings = ScoringSettings()
+          f"{len(patients)} patients in {args.folds} folds, models {', '.join(arms)}"
+          + (f", blobs from step {args.blob_from}" if args.blob_from is not None else ""))
+    for name, (arm, _, slices) in arms.items():
+        print(f"{name}: {len(slices)} slices of {arm.data.slice_size} px at {arm.data.spacing[0]} mm", flush=True)
     per_fold = []
     for k in range(args.folds):
         left_out = patients[k::args.folds]
@@ -164,19 +209,20 @@ def main() -> None:
         cases = patient_cases(Path(args.data), left_out)
         earlier = Path(args.out) / f"fold{k + 1}.json"
         results = json.loads(earlier.read_text()) if args.per_contrast and earlier.is_file() else {}
-        for name, recipe in recipes.items():
+        for name, (arm, arm_settings, slices) in arms.items():
             t0 = time.perf_counter()
             if name in results:
                 continue
-            folder = train_fold(recipe, slices, left_out, args.steps, Path(args.out) / name / f"fold{k + 1}")
+            folder = train_fold(arm, slices, left_out, args.steps, Path(args.out) / name.replace(" ", "@") / f"fold{k + 1}",
+                                args.blob_from)
             print(f"{name}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
-            results[name] = evaluate(str(folder), cases, settings)
-        for name, recipe in recipes.items():
+            results[name] = evaluate(str(folder), cases, arm_settings)
+        for name, (arm, arm_settings, slices) in arms.items():
             if args.per_contrast:
                 t0 = time.perf_counter()
-                results[f"{name} per contrast"] = per_contrast(recipe, slices, left_out, args.steps // 3,
-                                                               Path(args.out) / f"{name}-per-contrast" / f"fold{k + 1}",
-                                                               cases, settings)
+                results[f"{name} per contrast"] = per_contrast(arm, slices, left_out, args.steps // 3,
+                                                               Path(args.out) / f"{name.replace(' ', '@')}-per-contrast" / f"fold{k + 1}",
+                                                               cases, arm_settings)
                 print(f"{name} per contrast: trained and scored in {time.perf_counter() - t0:.0f} s", flush=True)
         if "intensity" not in results:
             results["intensity"] = evaluate("intensity", cases, settings)

@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="YAML", help="scoring settings (default: configs/score/default.yaml values)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
                    help="model arithmetic: auto (the default: bf16 where the device has native bf16 units, "
-                        "else fp32), fp32, or bf16 autocast (1.5x faster on CPUs with native bf16 units, many "
+                        "else fp32), fp32, or bf16 autocast (1.3x faster on CPUs with native bf16 units, many "
                         "times slower on CPUs without)")
     add_contrast_option(p)
     add_raw_input_options(p)

@@ -168,8 +168,9 @@ def test_export_writes_results_csv(tmp_path: Path) -> None:
 
 
 def test_interrupted_batch_resumes_without_duplicates(tmp_path: Path, tiny_healer_folder: Path) -> None:
-    """Kill the process mid-batch, run it again: every scan once, no half-written map."""
-    n = 10
+    """Kill the process mid-batch, run it again: every scan once, no half-written map. Enough scans that a
+    busy machine's slow polling still catches the batch midway; stopped the moment two results are seen."""
+    n = 24
     for i in range(n):
         write_nifti(tmp_path / "in" / f"scan{i:02d}.nii.gz", phantom(seed=i, lesion=i % 2 == 0))
     db, out = tmp_path / "r.db", tmp_path / "out"
@@ -186,8 +187,9 @@ def test_interrupted_batch_resumes_without_duplicates(tmp_path: Path, tiny_heale
             except sqlite3.OperationalError:
                 done = 0
             if done >= 2:
+                proc.send_signal(signal.SIGSTOP)  # frozen at once; killed below
                 break
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert proc.poll() is None, f"batch ended before it could be interrupted: {proc.stderr.read().decode()[-2000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()

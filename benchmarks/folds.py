@@ -186,10 +186,11 @@ def main() -> None:
         for grid in args.resolutions or [None]:
             arm, arm_settings = at_resolution(recipe, settings, grid) if grid else (recipe, settings)
             key = f"{arm.data.spacing[0]}:{arm.data.slice_size}"
-            if key not in grids:
-                own = arm.data == first.data and args.slices
-                grids[key] = all_slices(arm, Path(args.slices) if own else Path(args.out) / f"slices-{key.replace(':', 'mm-')}")
-            arms[f"{name} {grid}" if grid else name] = (arm, arm_settings, grids[key])
+            if key not in grids:  # the recipe's own grid keeps its cache (--slices or the recipe's out folder)
+                cache = Path(args.slices or first.out) if arm.data == first.data else \
+                    Path(args.out) / f"slices-{key.replace(':', 'mm-')}"
+                grids[key] = all_slices(arm, cache)
+            arms[f"{name}@{grid}" if grid else name] = (arm, arm_settings, grids[key])
     patients = lesion_patients(Path(args.data), list(first.data.all_excluded))
     print(f"# leave-patients-out folds, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{platform.processor() or platform.machine()}, {args.threads} threads, {args.steps} steps per fold, "
@@ -213,7 +214,7 @@ def main() -> None:
             t0 = time.perf_counter()
             if name in results:
                 continue
-            folder = train_fold(arm, slices, left_out, args.steps, Path(args.out) / name.replace(" ", "@") / f"fold{k + 1}",
+            folder = train_fold(arm, slices, left_out, args.steps, Path(args.out) / name / f"fold{k + 1}",
                                 args.blob_from)
             print(f"{name}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
             results[name] = evaluate(str(folder), cases, arm_settings)
@@ -221,7 +222,7 @@ def main() -> None:
             if args.per_contrast:
                 t0 = time.perf_counter()
                 results[f"{name} per contrast"] = per_contrast(arm, slices, left_out, args.steps // 3,
-                                                               Path(args.out) / f"{name.replace(' ', '@')}-per-contrast" / f"fold{k + 1}",
+                                                               Path(args.out) / f"{name}-per-contrast" / f"fold{k + 1}",
                                                                cases, arm_settings)
                 print(f"{name} per contrast: trained and scored in {time.perf_counter() - t0:.0f} s", flush=True)
         if "intensity" not in results:

@@ -42,9 +42,7 @@ class Order:
     def null_by(self) -> list[Any]:
         """ORDER BY terms within the NULL-key segment: the id, led by the (all NULL) key so that an index
         ``(..., key, id)`` serves the order and a page stops after its rows instead of sorting the segment."""
-        if self.id_descending:
-            return [Result.id.desc()] if self.key is None else [self.key.desc(), Result.id.desc()]
-        return [Result.id.asc()] if self.key is None else [self.key.asc(), Result.id.asc()]
+        return Order(self.key, self.id_descending, self.id_descending).by()
 
     def full(self) -> list[Any]:
         """ORDER BY terms of one statement over both segments (NULL keys last); not index-friendly."""

@@ -94,7 +94,7 @@ def _reviews_select(run_id: int | None) -> Select:
             Result.run_id.label("run_id"), Result.id.label("result_id"), Scan.content_hash.label("scan_id"),
             Result.input_path.label("path"), Scan.name.label("name"), Result.score.label("score"),
             Result.flagged.label("flagged"), Review.reviewer.label("reviewer"), Review.verdict.label("verdict"),
-            Review.note.label("note"), Review.created_at.label("created_at"), Review.id.label("review_id"),
+            Review.note.label("note"), Review.created_at.label("created_at"),
         )  # fmt: skip
         .join(Result, Result.id == Review.result_id)
         .join(Scan, Scan.id == Result.scan_id)
@@ -122,9 +122,9 @@ def _newest_reviews(s: Session, run_id: int | None, limit: int) -> Iterator[dict
         # both id lists: each side is looked up by its primary key, whatever the planner thinks of the run
         stmt = (_reviews_select(run_id).where(Review.id.in_(ids), Result.id.in_({result for _, result in pairs}))
                 .order_by(Review.id.desc()).limit(limit))
-        for row in s.execute(stmt):
+        for row in _stream(s, stmt, REVIEW_COLUMNS, None):
             limit -= 1
-            yield {name: _plain(row._mapping[name]) for name in REVIEW_COLUMNS}
+            yield row
         if len(ids) < REVIEW_WINDOW:
             return
         before = ids[-1]

@@ -71,7 +71,8 @@ class CanonicalVolume:
 
 
 def to_canonical(data: np.ndarray, affine: np.ndarray) -> CanonicalVolume:
-    """Reorder a 3D array (any orientation) to RAS+ axes without resampling; the result is read-only."""
+    """Reorder a 3D array (any orientation) to RAS+ axes without resampling; the result is a read-only
+    view (flips and axis swaps, no copy: a NIfTI file's Fortran-ordered array stays as it is)."""
     import nibabel as nib
 
     array = np.asarray(data)
@@ -88,7 +89,7 @@ def to_canonical(data: np.ndarray, affine: np.ndarray) -> CanonicalVolume:
     else:
         out = nib.orientations.apply_orientation(array, transform)
         new_affine = affine @ nib.orientations.inv_ornt_aff(transform, array.shape)
-    out = np.ascontiguousarray(out)
+    out = out.view()
     out.flags.writeable = False
     return CanonicalVolume(out, new_affine)
 

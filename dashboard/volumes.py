@@ -19,6 +19,11 @@ from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ct
 
 from anomaly.viz import CanonicalVolume, auto_window, to_canonical
 
+try:  # ISA-L's gzip decompresses about 3x faster than zlib: the bulk of opening a scan not yet cached
+    from isal import igzip as _fast_gzip
+except ImportError:  # pragma: no cover - the dashboard extra installs it; zlib through nibabel otherwise
+    _fast_gzip = None
+
 SAMPLE_VOXELS = 400_000
 """Voxels (an even stride through the volume) behind the percentiles of the display statistics."""
 
@@ -42,10 +47,24 @@ class LoadedVolume:
     """99th percentile of the non-zero values (a default overlay threshold when no calibration exists)."""
 
 
+def _fast_nifti(path: str) -> SpatialImage | None:
+    """A ``.nii.gz`` file decompressed in one go by ISA-L and parsed from memory; None where that does not
+    apply (another format, no ISA-L, a damaged file), so that nibabel reads it and words any error."""
+    if _fast_gzip is None or not path.lower().endswith(".nii.gz"):
+        return None
+    try:
+        with _fast_gzip.open(path, "rb") as handle:
+            raw = handle.read()
+        klass = nib.Nifti2Image if raw[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c") else nib.Nifti1Image
+        return cast(SpatialImage, klass.from_bytes(raw))
+    except Exception:  # noqa: BLE001 - nibabel reads it again and reports what is wrong
+        return None
+
+
 def read_canonical(path: str | Path) -> LoadedVolume:
     """Read a NIfTI file (no cache) into a read-only RAS volume with statistics."""
     try:
-        image = cast(SpatialImage, nib.load(str(path)))
+        image = _fast_nifti(str(path)) or cast(SpatialImage, nib.load(str(path)))
         data = np.asarray(image.get_fdata(dtype=np.float32))
     except Exception as exc:  # noqa: BLE001 - any reading failure is reported with the file
         raise VolumeLoadError(f"{path}: cannot be read as NIfTI ({type(exc).__name__}: {exc})") from exc
@@ -57,8 +76,9 @@ def read_canonical(path: str | Path) -> LoadedVolume:
     sample = data.reshape(-1)
     if sample.size > SAMPLE_VOXELS:
         sample = sample[:: int(np.ceil(sample.size / SAMPLE_VOXELS))]
-    if np.isfinite(data).all():
-        vmin, vmax = (float(data.min()), float(data.max())) if data.size else (0.0, 1.0)
+    low, high = (float(data.min()), float(data.max())) if data.size else (0.0, 1.0)
+    if np.isfinite(low) and np.isfinite(high):  # NaN would make both NaN, infinities one of them
+        vmin, vmax = low, high
     else:
         finite = sample[np.isfinite(sample)]
         vmin, vmax = (float(np.nanmin(data)), float(np.nanmax(data))) if finite.size else (0.0, 1.0)

@@ -5,6 +5,9 @@ and the in-range kinds only. Each scan is scored as the contrast its file name s
 ``ch2bet`` is T1), as ``anomaly score`` does by default. Prints voxel AUROC, voxel AUPRC, best Dice (an oracle: the threshold is
 chosen on the same voxels) and scan AUROC where normal scans exist, per dataset and contrast, with
 seconds per brain. Not a test. Usage: python benchmarks/detection.py [--models default intensity] [DATA_DIR]
+``--folds K`` then reports the same figures over K leave-patients-out folds of the shared lesion patients
+(``benchmarks/folds.py``: the shipped recipe retrained without each fold's patients for ``--fold-steps``
+steps, measured on them beside thresholding, with the mean and [min, max] over folds).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
@@ -179,6 +184,10 @@ def main() -> None:
     parser.add_argument("--no-colin", action="store_true")
     parser.add_argument("--no-real", action="store_true", help="only Colin27 with synthetic lesions")
     parser.add_argument("--json", default=None, help="also write the figures as JSON here")
+    parser.add_argument("--folds", type=int, default=0,
+                        help="then also K leave-patients-out folds of the shared patients (benchmarks/folds.py)")
+    parser.add_argument("--fold-steps", type=int, default=600, help="training steps per fold (default 600)")
+    parser.add_argument("--fold-out", default="runs/folds", help="where the folds keep their models and figures")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -198,6 +207,10 @@ def main() -> None:
           "scan AUROC: Colin27 with lesions against Colin27 and its mirror image (n/a where a group has no normal scans)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+    if args.folds:
+        print(f"\n# leave-patients-out folds ({args.folds}), each trained for {args.fold_steps} steps", flush=True)
+        subprocess.run([sys.executable, str(Path(__file__).with_name("folds.py")), "--folds", str(args.folds),
+                        "--steps", str(args.fold_steps), "--out", args.fold_out, "--data", args.data], check=True)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -223,10 +222,7 @@ def drive(url: str, run_id: int, n: int, big: int, shape: int) -> dict[str, Any]
 @contextmanager
 def postgres(url: str | None) -> Iterator[str]:
     """A fresh database on the given server (or on a throwaway one started here), dropped afterwards."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    from anomaly.store import normalize_db_url
+    from anomaly.store.scratch import scratch_database
 
     started = None
     if not url:
@@ -235,17 +231,10 @@ def postgres(url: str | None) -> Iterator[str]:
         url = subprocess.run(["bash", str(REPO / "scripts" / "start_test_postgres.sh")], env=env, check=True,
                              capture_output=True, text=True).stdout.strip()
         started = folder
-    base = make_url(normalize_db_url(url))
-    name = f"anomaly_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
     try:
-        yield base.set(database=name).render_as_string(hide_password=False)
+        with scratch_database(url, "anomaly_bench") as database:
+            yield database
     finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
         if started:
             subprocess.run(["bash", str(REPO / "scripts" / "start_test_postgres.sh"), "stop", started],
                            check=False, capture_output=True)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import cast
 
 import nibabel as nib
@@ -19,6 +20,7 @@ from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ct
 
 from anomaly.viz import CanonicalVolume, auto_window, to_canonical
 
+_fast_gzip: ModuleType | None
 try:  # ISA-L's gzip decompresses about 3x faster than zlib: the bulk of opening a scan not yet cached
     from isal import igzip as _fast_gzip
 except ImportError:  # pragma: no cover - the dashboard extra installs it; zlib through nibabel otherwise

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -21,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
 pytest.importorskip("streamlit")
@@ -29,6 +28,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 import anomaly.store as st  # noqa: E402
 from anomaly.store import bulk  # noqa: E402
+from anomaly.store.scratch import scratch_databases  # noqa: E402
 from dashboard.views.worklist import COUNT_LIMIT  # noqa: E402
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
@@ -247,19 +247,8 @@ def pg_urls() -> Iterator[list[str]]:
     if not PG_URL:
         pytest.skip("set ANOMALY_TEST_PG_URL (scripts/start_test_postgres.sh)")
     pytest.importorskip("psycopg")
-    base = make_url(st.normalize_db_url(PG_URL))
-    names = [f"anomaly_scale_{uuid.uuid4().hex[:10]}" for _ in SIZES]
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        for name in names:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield [base.set(database=name).render_as_string(hide_password=False) for name in names]
-    finally:
-        with admin.connect() as conn:
-            for name in names:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_databases(PG_URL, "anomaly_scale", len(SIZES)) as urls:
+        yield urls
 
 
 def test_postgresql_reads_per_interaction_do_not_grow_with_the_run(

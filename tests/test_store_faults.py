@@ -106,53 +106,45 @@ PG_URL = os.environ.get("ANOMALY_TEST_PG_URL", "")
 @pytest.mark.skipif(not PG_URL, reason="set ANOMALY_TEST_PG_URL (scripts/start_test_postgres.sh)")
 def test_postgresql_restarted_mid_batch(tmp_path: Path) -> None:
     pytest.importorskip("psycopg")
-    import uuid
-
     from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
 
+    from anomaly.store.scratch import scratch_database
+
     base = make_url(st.normalize_db_url(PG_URL))
-    name = f"anomaly_faults_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = base.set(database=name).render_as_string(hide_password=False)
     folder, out = tmp_path / "in", tmp_path / "out"
     _scans(folder, 4)
     restarted: list[str] = []
+    with scratch_database(PG_URL, "anomaly_faults") as url:
+        name = make_url(url).database
 
-    def restart_after_first(outcome: Any) -> None:
-        if restarted:
-            return
-        done = subprocess.run(["bash", str(REPO / "scripts" / "start_test_postgres.sh"), "restart"],
-                              capture_output=True, text=True, timeout=120)
-        if done.returncode == 0:
-            restarted.append("server restarted")
-            return
-        # No server folder known here (a server started elsewhere): end every connection server-side.
-        killer = create_engine(base, isolation_level="AUTOCOMMIT")
-        with killer.connect() as conn:
-            conn.execute(text("select pg_terminate_backend(pid) from pg_stat_activity where datname = :d"),
-                         {"d": name})
-        killer.dispose()
-        restarted.append("connections terminated")
+        def restart_after_first(outcome: Any) -> None:
+            if restarted:
+                return
+            done = subprocess.run(["bash", str(REPO / "scripts" / "start_test_postgres.sh"), "restart"],
+                                  capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                restarted.append("server restarted")
+                return
+            # No server folder known here (a server started elsewhere): end every connection server-side.
+            killer = create_engine(base, isolation_level="AUTOCOMMIT")
+            with killer.connect() as conn:
+                conn.execute(text("select pg_terminate_backend(pid) from pg_stat_activity where datname = :d"),
+                             {"d": name})
+            killer.dispose()
+            restarted.append("connections terminated")
 
-    store = st.open_store(url)
-    try:
+        store = st.open_store(url)
         try:
-            _batch(folder, out, store, on_outcome=restart_after_first)
-        except DBAPIError as exc:  # a commit that met the server down: one line, then resume
-            message, _ = describe_error(exc, url)
-            assert "\n" not in message
-        assert restarted
-        _ok_rows_have_maps(store)
-        summary = _batch(folder, out, store)
-        assert summary.count("failed") == 0
-        assert _ok_rows_have_maps(store) == 4
-    finally:
-        store.close()
-        admin = create_engine(base, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+            try:
+                _batch(folder, out, store, on_outcome=restart_after_first)
+            except DBAPIError as exc:  # a commit that met the server down: one line, then resume
+                message, _ = describe_error(exc, url)
+                assert "\n" not in message
+            assert restarted
+            _ok_rows_have_maps(store)
+            summary = _batch(folder, out, store)
+            assert summary.count("failed") == 0
+            assert _ok_rows_have_maps(store) == 4
+        finally:
+            store.close()

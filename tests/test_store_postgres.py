@@ -26,6 +26,7 @@ from sqlalchemy.exc import DBAPIError
 
 import anomaly.store as st
 from anomaly.store.schema import SEARCH_INDEXES, compared
+from anomaly.store.scratch import scratch_database
 from tests.conftest import child_env
 
 PG_URL = os.environ.get("ANOMALY_TEST_PG_URL", "")
@@ -48,17 +49,8 @@ def finding(rank: int, volume_ml: float) -> dict[str, object]:
 def pg_url() -> Iterator[str]:
     """URL of a fresh, empty database on the test server (dropped afterwards)."""
     pytest.importorskip("psycopg")
-    base = make_url(st.normalize_db_url(PG_URL))
-    name = f"anomaly_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield base.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_database(PG_URL) as url:
+        yield url
 
 
 def test_migrations_match_orm_and_reopen_is_idempotent(pg_url: str) -> None:

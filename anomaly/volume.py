@@ -7,12 +7,10 @@ wrong and what to do, before any model sees the data.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import math
 import os
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, cast
@@ -21,6 +19,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.volumeutils import array_from_file
 
+from anomaly import gzipio
 from anomaly.fileio import NotRegularFileError, atomic_path, open_regular, path_problem
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -184,8 +183,12 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike[st
     image = nib.Nifti1Image(np.asarray(array, dtype=dtype), np.asarray(affine, dtype=np.float64))
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    with atomic_path(path, suffix=".nii.gz" if path.name.endswith(".gz") else ".nii") as tmp:
-        nib.save(image, str(tmp))
+    compressed = path.name.endswith(".gz")
+    with atomic_path(path, suffix=".nii.gz" if compressed else ".nii") as tmp:
+        if compressed:  # one buffer through ISA-L: several times faster than nibabel's zlib stream
+            tmp.write_bytes(gzipio.compress(image.to_bytes()))
+        else:
+            nib.save(image, str(tmp))
     return path
 
 
@@ -217,7 +220,7 @@ def _read_nifti(path: Path, max_bytes: int | None = None) -> tuple[np.ndarray, n
                 notes.append("file is gzip-compressed but its name does not end in .gz; read it as .nii.gz")
             elif named_gz and not compressed:
                 notes.append("file is named .gz but is not gzip-compressed; read it as an uncompressed .nii")
-            handle: BinaryIO = gzip.GzipFile(fileobj=raw_handle, mode="rb") if compressed else raw_handle  # type: ignore[assignment]
+            handle: BinaryIO = gzipio.reader(raw_handle) if compressed else raw_handle
             with handle:
                 header = _read_header(path, handle)
                 checked = _check_header(path, header, size, compressed, budget)
@@ -235,7 +238,7 @@ def _read_nifti(path: Path, max_bytes: int | None = None) -> tuple[np.ndarray, n
     except EOFError as exc:
         raise VolumeError(path, "the gzip stream ends early: the .nii.gz file is truncated", _HINT_COPY_AGAIN
                           + " (`gzip -t FILE` checks a .gz file)") from exc
-    except (zlib.error, gzip.BadGzipFile) as exc:
+    except gzipio.CORRUPT_ERRORS as exc:
         raise VolumeError(path, f"corrupt gzip data ({exc})", _HINT_COPY_AGAIN
                           + " (`gzip -t FILE` checks a .gz file)") from exc
     except MemoryError as exc:
@@ -281,7 +284,9 @@ def _read_header(path: Path, handle: BinaryIO) -> nib.Nifti1Header:
     klass = nib.Nifti2Header if kind == "nifti2" else nib.Nifti1Header
     try:
         header = klass.from_fileobj(handle, check=False)
-    except (EOFError, zlib.error, gzip.BadGzipFile):
+    except EOFError:
+        raise
+    except gzipio.CORRUPT_ERRORS:
         raise
     except Exception as exc:  # noqa: BLE001 - any header parse failure is a damaged header
         raise VolumeError(path, f"damaged NIfTI header ({type(exc).__name__}: {exc})", _HINT_COPY_AGAIN) from exc

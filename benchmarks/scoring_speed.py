@@ -1,4 +1,5 @@
-"""Scoring throughput on real brains: sequential vs read-ahead executor, fp32 vs bf16.
+"""Scoring throughput on real brains: sequential vs read-ahead executor, fp32 vs bf16, and the gzip
+layer (ISA-L, the default, against the standard library's zlib for reading inputs and writing outputs).
 
 Prints seconds per brain for each variant and ratios against the sequential fp32 baseline run in the
 same process. Usage: python benchmarks/scoring_speed.py [--model default] [--n 4] [--compare latent-healer] [DATA_DIR]
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from anomaly import gzipio
 from anomaly.config import ScoringSettings, native_bf16
 from anomaly.models import load_model
 from anomaly.volume import file_sha256
@@ -69,6 +71,13 @@ def main() -> None:
     for label, precision, ahead in variants:
         t = run(paths, args.model, precision, ahead, out)
         print(f"{label:17s} {t:6.2f} s/brain   {base / t:4.2f}x")
+    if gzipio.ACCELERATED:
+        isal, gzipio._isal_gzip = gzipio._isal_gzip, None  # the standard library's zlib for one pass
+        try:
+            t = run(paths, args.model, "fp32", False, out)
+        finally:
+            gzipio._isal_gzip = isal
+        print(f"{'seq. fp32, zlib':17s} {t:6.2f} s/brain   {base / t:4.2f}x (gzip by zlib instead of ISA-L)")
     for other in args.compare:
         run(paths[:1], other, "fp32", False, out)
         t = run(paths, other, "fp32", False, out)

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import cast
 
 import nibabel as nib
@@ -18,13 +17,8 @@ import streamlit as st
 from nibabel.spatialimages import SpatialImage
 from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
+from anomaly import gzipio
 from anomaly.viz import CanonicalVolume, auto_window, to_canonical
-
-_fast_gzip: ModuleType | None
-try:  # ISA-L's gzip decompresses about 3x faster than zlib: the bulk of opening a scan not yet cached
-    from isal import igzip as _fast_gzip
-except ImportError:  # pragma: no cover - the dashboard extra installs it; zlib through nibabel otherwise
-    _fast_gzip = None
 
 SAMPLE_VOXELS = 400_000
 """Voxels (an even stride through the volume) behind the percentiles of the display statistics."""
@@ -52,11 +46,10 @@ class LoadedVolume:
 def _fast_nifti(path: str) -> SpatialImage | None:
     """A ``.nii.gz`` file decompressed in one go by ISA-L and parsed from memory; None where that does not
     apply (another format, no ISA-L, a damaged file), so that nibabel reads it and words any error."""
-    if _fast_gzip is None or not path.lower().endswith(".nii.gz"):
+    if not gzipio.ACCELERATED or not path.lower().endswith(".nii.gz"):
         return None
     try:
-        with _fast_gzip.open(path, "rb") as handle:
-            raw = handle.read()
+        raw = gzipio.read_all(path)
         klass = nib.Nifti2Image if raw[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c") else nib.Nifti1Image
         return cast(SpatialImage, klass.from_bytes(raw))
     except Exception:  # noqa: BLE001 - nibabel reads it again and reports what is wrong

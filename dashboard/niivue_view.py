@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import base64
-import gzip
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import streamlit as st
 import streamlit.components.v1 as components
 
+from anomaly import gzipio
 from anomaly.viz import CanonicalVolume
 
 NIIVUE_DIR = Path(__file__).resolve().with_name("niivue")
@@ -67,7 +67,7 @@ def encode_nifti(volume: CanonicalVolume, low: float, high: float) -> str:
     image.header.set_slope_inter(span / 255.0, float(low))
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    return base64.b64encode(gzip.compress(image.to_bytes(), compresslevel=1)).decode("ascii")
+    return base64.b64encode(gzipio.compress(image.to_bytes())).decode("ascii")
 
 
 @st.cache_data(max_entries=12, show_spinner="Preparing the 3D view…")

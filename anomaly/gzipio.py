@@ -37,12 +37,13 @@ def reader(fileobj: BinaryIO) -> BinaryIO:
 
 
 def read_all(path: str) -> bytes:
-    """The whole decompressed content of a gzip file."""
+    """The whole decompressed content of a gzip file (read, then inflated in one call: faster than a
+    stream, and the GIL is released meanwhile)."""
+    with open(path, "rb") as handle:
+        packed = handle.read()
     if _isal_gzip is not None:
-        with _isal_gzip.open(path, "rb") as handle:
-            return cast(bytes, handle.read())
-    with gzip.open(path, "rb") as handle:
-        return handle.read()
+        return cast(bytes, _isal_gzip.decompress(packed))
+    return gzip.decompress(packed)
 
 
 def compress(data: bytes) -> bytes:

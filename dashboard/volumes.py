@@ -4,12 +4,13 @@ slices costs no disk access."""
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -43,32 +44,48 @@ class LoadedVolume:
     """99th percentile of the non-zero values (a default overlay threshold when no calibration exists)."""
 
 
-def _fast_nifti(path: str) -> SpatialImage | None:
-    """A ``.nii.gz`` file decompressed in one go by ISA-L and parsed from memory; None where that does not
-    apply (another format, no ISA-L, a damaged file), so that nibabel reads it and words any error."""
+def _fast_nifti(path: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Voxels (float32) and affine of a ``.nii.gz`` file decompressed in one go by ISA-L and parsed from
+    memory, native float32 voxels used in place without a copy; None where that does not apply (another
+    format, no ISA-L, a damaged file), so that nibabel reads it and words any error."""
     if not gzipio.ACCELERATED or not path.lower().endswith(".nii.gz"):
         return None
     try:
         raw = gzipio.read_all(path)
         klass = nib.Nifti2Image if raw[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c") else nib.Nifti1Image
-        return cast(SpatialImage, klass.from_bytes(raw))
+        image = klass.from_bytes(raw)
+        proxy: Any = image.dataobj  # the header as read: voxel offset, type, scaling and shape
+        shape = tuple(int(n) for n in proxy.shape)
+        if (proxy.dtype == np.dtype(np.float32) and float(proxy.slope) == 1.0 and float(proxy.inter) == 0.0
+                and getattr(proxy, "order", "F") == "F" and proxy.offset + 4 * math.prod(shape) <= len(raw)):
+            data = np.frombuffer(raw, np.float32, math.prod(shape), proxy.offset).reshape(shape, order="F")
+        else:
+            data = np.asarray(image.get_fdata(dtype=np.float32))
+        return data, np.asarray(image.affine)
     except Exception:  # noqa: BLE001 - nibabel reads it again and reports what is wrong
         return None
+
+
+def _read(path: str) -> tuple[np.ndarray, np.ndarray]:
+    fast = _fast_nifti(path)
+    if fast is not None:
+        return fast
+    image = cast(SpatialImage, nib.load(path))
+    return np.asarray(image.get_fdata(dtype=np.float32)), np.asarray(image.affine)
 
 
 def read_canonical(path: str | Path) -> LoadedVolume:
     """Read a NIfTI file (no cache) into a read-only RAS volume with statistics."""
     try:
-        image = _fast_nifti(str(path)) or cast(SpatialImage, nib.load(str(path)))
-        data = np.asarray(image.get_fdata(dtype=np.float32))
+        data, affine = _read(str(path))
     except Exception as exc:  # noqa: BLE001 - any reading failure is reported with the file
         raise VolumeLoadError(f"{path}: cannot be read as NIfTI ({type(exc).__name__}: {exc})") from exc
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise VolumeLoadError(f"{path}: expected a 3D volume, found shape {data.shape}")
-    volume = to_canonical(data, image.affine)
-    sample = data.reshape(-1)
+    volume = to_canonical(data, affine)
+    sample = data.ravel(order="K")  # memory order: a view, where a C-order reshape would copy a NIfTI array
     if sample.size > SAMPLE_VOXELS:
         sample = sample[:: int(np.ceil(sample.size / SAMPLE_VOXELS))]
     low, high = (float(data.min()), float(data.max())) if data.size else (0.0, 1.0)

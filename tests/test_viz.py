@@ -180,3 +180,16 @@ def test_peak_voxel_skips_nan() -> None:
     data[1, 2, 0] = 5.0
     data[0, 0, 0] = np.nan
     assert viz.to_canonical(data, np.eye(4)).peak_voxel() == (1, 2, 0)
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "flipped"])
+def test_peak_voxel_is_the_same_for_every_memory_layout(layout: str) -> None:
+    rng = np.random.default_rng(5)
+    data = rng.normal(size=(6, 7, 5)).astype(np.float32)
+    data[4, 1, 3] = 9.0
+    array = {"C": data, "F": np.asfortranarray(data), "flipped": data[::-1][::-1]}[layout]
+    canon = viz.to_canonical(array, np.eye(4))
+    assert canon.peak_voxel() == (4, 1, 3)
+    with_nan = np.array(array)  # a NaN before the peak sends argmax to the slow path
+    with_nan[0, 0, 0] = np.nan
+    assert viz.to_canonical(np.asfortranarray(with_nan) if layout == "F" else with_nan, np.eye(4)).peak_voxel() == (4, 1, 3)

@@ -2,7 +2,8 @@
 command line and the dashboard; it owns all SQL. One module per job: ``engine`` (opening, migrations),
 ``dialect`` (what differs between SQLite and PostgreSQL), ``writes`` (scoring side), ``listings``
 and ``ordering`` (runs, pages of results, neighbours, score summaries), ``reviews``, ``calibrations``,
-``tables`` (CSV export, streamed), ``bulk`` (many rows at once) and ``sources`` (DICOM identity of scans).
+``tables`` (CSV export, streamed), ``bulk`` (many rows at once), ``sources`` (DICOM identity of scans)
+and ``scratch`` (throwaway PostgreSQL databases for tests and benchmarks).
 
     store = open_store("results/anomaly.db")   # or a URL; ANOMALY_DB / ./anomaly.db by default
     with store.session() as s:

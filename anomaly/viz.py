@@ -62,13 +62,12 @@ class CanonicalVolume:
         """Index of the largest value (the first one on ties, in memory order); NaN is skipped; the centre
         when all are NaN."""
         data = self.data
-        for view, fortran in ((data, False), (data.T, True)):  # one pass, without copying, when contiguous
-            if view.flags.c_contiguous and view.size:
-                index = int(np.argmax(view))
-                if not np.isnan(view.flat[index]):  # argmax stops at the first NaN: then the slow way
-                    ijk = np.unravel_index(index, view.shape)
-                    return tuple(int(v) for v in (ijk[::-1] if fortran else ijk))  # type: ignore[return-value]
-                break
+        view = data.T if data.flags.f_contiguous else data  # C-ordered either way: one pass, no copy
+        if view.flags.c_contiguous and view.size:
+            index = int(np.argmax(view))
+            if not np.isnan(view.flat[index]):  # argmax stops at the first NaN: then the slow way below
+                ijk = np.unravel_index(index, view.shape)
+                return tuple(int(v) for v in (ijk[::-1] if view is not data else ijk))  # type: ignore[return-value]
         flat = np.nan_to_num(data, nan=-np.inf, posinf=np.inf, neginf=-np.inf)
         if not np.isfinite(flat).any():
             return tuple(s // 2 for s in self.shape)  # type: ignore[return-value]

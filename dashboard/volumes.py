@@ -52,12 +52,12 @@ def _fast_nifti(path: str) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     try:
         raw = gzipio.read_all(path)
-        klass = nib.Nifti2Image if raw[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c") else nib.Nifti1Image
+        klass = nib.Nifti2Image if nib.Nifti2Header.may_contain_header(raw[:540]) else nib.Nifti1Image
         image = klass.from_bytes(raw)
         proxy: Any = image.dataobj  # the header as read: voxel offset, type, scaling and shape
         shape = tuple(int(n) for n in proxy.shape)
         if (proxy.dtype == np.dtype(np.float32) and float(proxy.slope) == 1.0 and float(proxy.inter) == 0.0
-                and getattr(proxy, "order", "F") == "F" and proxy.offset + 4 * math.prod(shape) <= len(raw)):
+                and proxy.order == "F" and proxy.offset + 4 * math.prod(shape) <= len(raw)):
             data = np.frombuffer(raw, np.float32, math.prod(shape), proxy.offset).reshape(shape, order="F")
         else:
             data = np.asarray(image.get_fdata(dtype=np.float32))

@@ -55,9 +55,10 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class PostprocessConfig:
-    """Map clean-up on the model grid: in-plane median filter and brain-mask erosion (mm)."""
+    """Map clean-up on the model grid: in-plane median filter (pixels; None = the model's own, sized for its
+    grid) and brain-mask erosion (mm)."""
 
-    median_size: int = 5
+    median_size: int | None = None
     erode_mm: float = 2.0
 
 

@@ -12,7 +12,9 @@ import torch
 from scipy import ndimage
 
 from anomaly.config import PostprocessConfig, ScoreConfig, ScoringSettings
+from anomaly.contrast import resolve_contrast
 from anomaly.models.base import SliceModel
+from anomaly.models.routing import model_for
 from anomaly.preprocess import PreparedVolume, prepare_scan, to_native
 from anomaly.volume import Volume
 
@@ -91,14 +93,16 @@ def erode_mask(mask: np.ndarray, erode_mm: float, spacing: tuple[float, float, f
 
 
 def postprocess(anomaly: np.ndarray, mask: np.ndarray, config: PostprocessConfig,
-                spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """In-plane median filter and brain-mask erosion; returns the cleaned map and the scored mask."""
+                spacing: tuple[float, float, float], model_median: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """In-plane median filter (the config's size, else ``model_median``: the model's own) and brain-mask
+    erosion; returns the cleaned map and the scored mask."""
     scored = erode_mask(mask, config.erode_mm, spacing)
     out = anomaly
-    if config.median_size > 1 and scored.any():
+    size = int(config.median_size if config.median_size is not None else model_median)
+    if size > 1 and scored.any():
         box = ndimage.find_objects(mask.astype(np.uint8))[0]
         out = np.zeros_like(anomaly)
-        out[box] = ndimage.median_filter(anomaly[box], size=(config.median_size, config.median_size, 1))
+        out[box] = ndimage.median_filter(anomaly[box], size=(size, size, 1))
     return np.where(scored, out, 0).astype(np.float32), scored
 
 
@@ -116,11 +120,13 @@ def scan_score(anomaly: np.ndarray, mask: np.ndarray, config: ScoreConfig) -> fl
 
 
 def score_prepared(prepared: PreparedVolume, model: SliceModel, settings: ScoringSettings) -> ScanMaps:
-    """Model work and the way back for a volume already on the model grid."""
+    """Model work and the way back for a volume already on the model grid (made with the input spec of
+    ``model_for(model, prepared.contrast)``)."""
+    model = model_for(model, prepared.contrast)
     t0 = time.perf_counter()
     grid, recon = infer_grid_maps(prepared, model, batch_size=settings.batch_size, seed=settings.seed)
     t1 = time.perf_counter()
-    grid, scored = postprocess(grid, prepared.mask, settings.postprocess, prepared.spacing)
+    grid, scored = postprocess(grid, prepared.mask, settings.postprocess, prepared.spacing, model.median_size)
     score = scan_score(grid, scored, settings.score)
     native = np.clip(to_native(grid, prepared), 0, None)
     native_mask = to_native(scored.astype(np.float32), prepared, mode="nearest") > 0.5
@@ -140,7 +146,8 @@ def score_volume(volume: Volume, model: SliceModel, settings: ScoringSettings | 
     settings ask for them, preprocess, infer, post-process, back to native."""
     settings = settings or ScoringSettings()
     t0 = time.perf_counter()
-    prepared = prepare_scan(volume, settings.preprocess, model.input_spec, user_mask=user_mask)
+    contrast = resolve_contrast(settings.preprocess.contrast, volume.path)
+    prepared = prepare_scan(volume, settings.preprocess, model_for(model, contrast).input_spec, user_mask=user_mask)
     t1 = time.perf_counter()
     maps = score_prepared(prepared, model, settings)
     maps.timings = {"prepare_s": t1 - t0, **maps.timings, "total_s": time.perf_counter() - t0}

@@ -188,10 +188,14 @@ def main() -> None:
                         help="then also K leave-patients-out folds of the shared patients (benchmarks/folds.py)")
     parser.add_argument("--fold-steps", type=int, default=600, help="training steps per fold (default 600)")
     parser.add_argument("--fold-out", default="runs/folds", help="where the folds keep their models and figures")
+    parser.add_argument("--contrasts", nargs="+", default=["t1", "t2", "flair"], choices=("t1", "t2", "flair"),
+                        help="only the real cases of these contrasts (Colin27 is T1)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    cases = ([] if args.no_real else real_cases(Path(args.data))) + ([] if args.no_colin else colin_cases())
+    cases = [] if args.no_real else [c for c in real_cases(Path(args.data))
+                                     if contrast_of(c.group).lower() in args.contrasts]
+    cases += [] if args.no_colin or "t1" not in args.contrasts else colin_cases()
     settings = ScoringSettings(precision=args.precision)
     print(f"# detection benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "

@@ -42,7 +42,7 @@ from anomaly.training.config import load_recipe  # noqa: E402
 from anomaly.training.data import SliceSet, matches_exclusion  # noqa: E402
 from anomaly.training.denoiser import train_denoiser  # noqa: E402
 from anomaly.volume import load_mask, load_volume  # noqa: E402
-from pipelines.train import gather_slices, input_spec  # noqa: E402
+from pipelines.train import gather_slices, input_spec, median_size  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LABELS = {"ms-open": "lesion_mask", "brats2013": "tumor_labels", "brats2018": "tumor_labels"}
@@ -102,9 +102,10 @@ def at_resolution(recipe, settings: ScoringSettings, grid: str):  # noqa: ANN001
     low, high = recipe.denoiser.blob_radius_px
     denoiser = replace(recipe.denoiser, crop_size=int(round(recipe.denoiser.crop_size * ratio / 8)) * 8,
                        blob_radius_px=(float(low) * ratio, float(high) * ratio))
-    median = int(settings.postprocess.median_size * ratio) // 2 * 2 + 1  # the odd size at or just below
-    return (replace(recipe, data=data, denoiser=denoiser),
-            replace(settings, postprocess=replace(settings.postprocess, median_size=median)))
+    if settings.postprocess.median_size is not None:  # else each fold's model folder carries its own
+        median = int(settings.postprocess.median_size * ratio) // 2 * 2 + 1  # the odd size at or just below
+        settings = replace(settings, postprocess=replace(settings.postprocess, median_size=median))
+    return replace(recipe, data=data, denoiser=denoiser), settings
 
 
 def train_fold(recipe, slices: SliceSet, patients: list[str], steps: int, out: Path,  # noqa: ANN001
@@ -122,7 +123,8 @@ def train_fold(recipe, slices: SliceSet, patients: list[str], steps: int, out: P
     vae = AutoencoderKL.from_pretrained(recipe.vae_from, local_files_only=True)
     save_model_folder(folder, vae.half(), name=f"fold-{out.name}", input_spec=input_spec(recipe),
                       restoration=result.model.half(), map_config=recipe.map,
-                      extra={"left_out_patients": patients, "steps": result.step})
+                      extra={"left_out_patients": patients, "steps": result.step},
+                      median_size=median_size(input_spec(recipe)))
     return folder
 
 

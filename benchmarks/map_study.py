@@ -26,6 +26,7 @@ from anomaly.contrast import guess_contrast
 from anomaly.mapnorm import robust_z
 from anomaly.metrics import auprc, best_dice
 from anomaly.models import load_model
+from anomaly.models.routing import model_for
 from anomaly.preprocess import prepare_volume
 from anomaly.scoring import batch_to_slices, postprocess, slices_to_batch
 from anomaly.training.data import lesion_on_grid
@@ -82,9 +83,10 @@ def image_components(restoration, prepared, contrast: str | None, iterations: in
 def components(model, path: Path, label: Path, t0s: tuple[int, ...], draws: int, iterations: int = 1,  # noqa: ANN001
                noise_draws: int = 0) -> dict[str, np.ndarray]:
     """x, brain mask, truth, reconstruction and healed decodes (``healed{t0}_{draw}``) on the model grid."""
+    contrast = guess_contrast(path)
+    model = model_for(model, contrast)  # the route that scores this contrast, where the model has routes
     prepared = prepare_volume(load_volume(path), PreprocessConfig(), model.input_spec)
     out = {"x": prepared.image.copy(), "brain": prepared.mask, "truth": lesion_on_grid(label, prepared)}
-    contrast = guess_contrast(path)
     if getattr(model.restoration, "space", "latent") == "image":  # image-space restoration of the input
         return out | image_components(model.restoration, prepared, contrast, iterations, noise_draws)
     out["recon"] = np.zeros_like(prepared.image)
@@ -248,8 +250,10 @@ def main() -> None:
                                      folder / f"{label}.nii.gz", t0s, args.draws, args.iterations,
                                      args.noise_draws)
             group = "T1" if contrast == "t1" else contrast.upper()
+            route = model_for(model, contrast)
             for name, rule in rules.items():
-                grid, scored = postprocess(rule(comp).astype(np.float32), comp["brain"], post, (1.5, 1.5, 1.5))
+                grid, scored = postprocess(rule(comp).astype(np.float32), comp["brain"], post,
+                                            tuple(route.input_spec.spacing), route.median_size)
                 results[(group, name)].append((grid[scored], comp["truth"][scored]))
             patients[group].append(f"{dataset}/{case}")
             print(f"scored {dataset}/{case}/{contrast}", flush=True)

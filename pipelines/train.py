@@ -27,6 +27,16 @@ def input_spec(recipe: TrainRecipe) -> InputSpec:
     return InputSpec(slice_size=recipe.data.slice_size, spacing=tuple(recipe.data.spacing))  # type: ignore[arg-type]
 
 
+MEDIAN_MM = 7.5
+"""Width of the map's in-plane median filter in mm: the 5 pixels the 1.5 mm maps were chosen with."""
+
+
+def median_size(spec: InputSpec) -> int:
+    """The odd median-filter size, in pixels of ``spec``'s grid, at or just below :data:`MEDIAN_MM`."""
+    pixels = int(MEDIAN_MM / float(spec.spacing[0]) + 1e-6)
+    return max(1, pixels if pixels % 2 else pixels - 1)
+
+
 def gather_slices(recipe: TrainRecipe, work: Path, progress: bool = True) -> tuple[SliceSet, SliceSet | None]:
     """Train and validation slices of the recipe, cached in ``work/slices.pt`` (rebuilt when the data list changes)."""
     data = recipe.data
@@ -73,7 +83,7 @@ def run_recipe(recipe: TrainRecipe, *, out: str | None = None, resume: bool = Tr
                            resume=resume, progress=progress, log=log)
         extra["vae_training"] = {"steps": result.step, "best_val_l1": result.best_val, "stopped": result.stopped}
         save_model_folder(folder, _for_saving(result.model, recipe.save_fp16), name=recipe.name, input_spec=spec,
-                          map_config=map_config, extra=_json_safe(extra))
+                          map_config=map_config, extra=_json_safe(extra), median_size=median_size(spec))
         vae = result.model
     else:
         vae_dir = Path(recipe.vae_from) if recipe.vae_from else folder / "vae"
@@ -94,7 +104,7 @@ def run_recipe(recipe: TrainRecipe, *, out: str | None = None, resume: bool = Tr
         extra = {**prior, **extra, f"{'denoiser' if recipe.stage == 'denoiser' else 'healer'}_training": trained}
         save_model_folder(folder, _for_saving(vae, recipe.save_fp16), name=recipe.name, input_spec=spec,
                           restoration=_for_saving(result.model, recipe.save_fp16), map_config=map_config,
-                          extra=_json_safe(extra))
+                          extra=_json_safe(extra), median_size=median_size(spec))
     log(f"model folder written: {folder}")
     return folder
 

@@ -24,6 +24,7 @@ from anomaly.contrast import guess_contrast
 from anomaly.io.dicom import DicomSeries, load_series
 from anomaly.mask_transfer import find_session_t1
 from anomaly.models.base import SliceModel
+from anomaly.models.routing import model_for, route_note
 from anomaly.outputs import output_path
 from anomaly.preprocess import PreparedVolume, prepare_scan
 from anomaly.records import ResultDetails
@@ -101,13 +102,16 @@ def load_and_prepare(task: ScanTask, model: SliceModel, settings: ScoringSetting
     t0 = time.perf_counter()
     try:
         volume = load_series(task.series) if task.series is not None else load_volume(task.path, max_bytes=task.max_bytes)
-        check_model_grid(volume, settings, model, task.max_bytes)
-        user_mask = find_user_mask(task.brain_mask, task.path) if task.brain_mask is not None else None
         contrast = scan_contrast(task, settings)
-        prepared = prepare_scan(volume, settings.preprocess, model.input_spec, user_mask=user_mask,
+        scoring = model_for(model, contrast)  # a model routed by contrast has one grid per route
+        check_model_grid(volume, settings, scoring, task.max_bytes)
+        user_mask = find_user_mask(task.brain_mask, task.path) if task.brain_mask is not None else None
+        prepared = prepare_scan(volume, settings.preprocess, scoring.input_spec, user_mask=user_mask,
                                 contrast=contrast, session_t1=session_t1_for(task, contrast))
-        if settings.preprocess.contrast == "auto" and (task.series is not None or task.contrast is not None):
-            prepared.contrast = task.contrast
+        prepared.contrast = contrast  # what the route was chosen by, so scoring takes the same one
+        route = route_note(model, contrast)
+        if route is not None:
+            prepared.stages["model"] = route
         return Loaded(task, volume, prepared, seconds=time.perf_counter() - t0)
     except VolumeError as exc:
         return Loaded(task, error=str(exc), seconds=time.perf_counter() - t0)

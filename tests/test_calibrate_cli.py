@@ -238,7 +238,7 @@ def test_other_scoring_settings_are_refused(flow: dict[str, Path], capsys: pytes
                  str(config), "--quiet"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "postprocess.median_size: 5 -> 3" in err and "calibrate again" in err
+    assert "postprocess.median_size: None -> 3" in err and "calibrate again" in err
 
     from anomaly.config import load_scoring_settings
     from anomaly.models import load_model

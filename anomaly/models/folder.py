@@ -1,10 +1,13 @@
 """The model folder format: a diffusers ``AutoencoderKL`` folder, optionally inside a folder that adds
-``anomaly_model.json`` (input spec, map rule) and a restoration stage in its own subfolder."""
+``anomaly_model.json`` (input spec, map rule, median filter), a restoration stage in its own subfolder and,
+under ``by_contrast``, further model folders that scans of one contrast are scored with
+(see :mod:`anomaly.models.routing`)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -12,10 +15,13 @@ from typing import Any
 from diffusers import AutoencoderKL
 
 from anomaly.configparse import build, load_json
+from anomaly.contrast import CONTRASTS
 from anomaly.jsonio import write_json
 from anomaly.models.autoencoder import AutoencoderSliceModel, MapConfig
+from anomaly.models.base import SliceModel
 from anomaly.models.denoiser import ImageDenoiser
 from anomaly.models.restoration import LatentDiffusionHealer, load_restoration
+from anomaly.models.routing import ContrastRoutedModel
 from anomaly.preprocess import InputSpec
 
 MODEL_CONFIG = "anomaly_model.json"
@@ -69,9 +75,31 @@ def _vae_dir(folder: Path, meta: dict[str, Any] | None) -> Path:
 
 def load_model_folder(folder: str | os.PathLike[str], *, name: str | None = None, precision: str = "fp32",
                       force_fp32: bool | None = None, input_spec: InputSpec | None = None,
-                      **restoration_overrides: Any) -> AutoencoderSliceModel:
+                      **restoration_overrides: Any) -> AutoencoderSliceModel | ContrastRoutedModel:
     """Load a model folder (see module docstring) through diffusers' ``from_pretrained``; ``input_spec``
     applies where the folder does not state its own (a bare diffusers folder)."""
+    model = _load_one(folder, name=name, precision=precision, force_fp32=force_fp32, input_spec=input_spec,
+                      **restoration_overrides)
+    routes = (read_model_config(Path(folder)) or {}).get("by_contrast") or {}
+    if not routes:
+        return model
+    meta_path = Path(folder) / MODEL_CONFIG
+    if not isinstance(routes, dict) or not set(routes) <= set(CONTRASTS):
+        raise ModelLoadError(f"{meta_path}: by_contrast must map contrasts ({', '.join(CONTRASTS)}) to model "
+                             f"subfolders, not {routes!r}; fix the file or reinstall the model")
+    loaded: dict[str, SliceModel] = {}
+    for contrast, sub in routes.items():
+        where = Path(folder) / str(sub)
+        if not (where / MODEL_CONFIG).is_file():
+            raise ModelLoadError(f"{meta_path}: the {contrast} model folder {where} is missing or has no "
+                                 f"{MODEL_CONFIG}; reinstall the model, or remove {contrast} from by_contrast")
+        loaded[contrast] = _load_one(where, precision=precision, force_fp32=force_fp32, **restoration_overrides)
+    return ContrastRoutedModel(model, loaded, weights_hash=model.weights_hash)
+
+
+def _load_one(folder: str | os.PathLike[str], *, name: str | None = None, precision: str = "fp32",
+              force_fp32: bool | None = None, input_spec: InputSpec | None = None,
+              **restoration_overrides: Any) -> AutoencoderSliceModel:
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelLoadError(f"{folder}: model folder not found; give a model name (see `anomaly models list`) "
@@ -93,17 +121,26 @@ def load_model_folder(folder: str | os.PathLike[str], *, name: str | None = None
     restoration = None
     if meta.get("restoration"):
         restoration = load_restoration(folder / meta["restoration"], **restoration_overrides)
-    return AutoencoderSliceModel(
+    model = AutoencoderSliceModel(
         vae, name=name or meta.get("name") or folder.name, weights_hash=weights_hash(folder), input_spec=spec,
         restoration=restoration, map_config=map_config, precision=precision,
         force_fp32=bool(meta.get("force_fp32", False) if force_fp32 is None else force_fp32),
     )
+    median = (meta.get("postprocess") or {}).get("median_size")
+    if median is not None:
+        if not isinstance(median, int) or median < 1 or median % 2 == 0:
+            raise ModelLoadError(f"{meta_path}: postprocess.median_size must be an odd number of pixels (1 = off), "
+                                 f"not {median!r}; fix the file or reinstall the model")
+        model.median_size = median
+    return model
 
 
 def save_model_folder(folder: str | os.PathLike[str], vae: AutoencoderKL, *, name: str, input_spec: InputSpec,
                       restoration: LatentDiffusionHealer | ImageDenoiser | None = None,
-                      map_config: MapConfig | None = None, force_fp32: bool = False, extra: dict[str, Any] | None = None) -> Path:
-    """Write a model folder: ``vae/`` via ``save_pretrained``, ``healer/`` when present, and the meta file."""
+                      map_config: MapConfig | None = None, force_fp32: bool = False, extra: dict[str, Any] | None = None,
+                      median_size: int | None = None) -> Path:
+    """Write a model folder: ``vae/`` via ``save_pretrained``, ``healer/`` when present, and the meta file
+    (``median_size``: the map's median filter in pixels of ``input_spec``'s grid, when not the default 5)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
@@ -112,8 +149,47 @@ def save_model_folder(folder: str | os.PathLike[str], vae: AutoencoderKL, *, nam
         "input_spec": asdict(input_spec), "map": asdict(map_config or MapConfig()), "force_fp32": force_fp32,
         **(extra or {}),
     }
+    if median_size is not None:
+        meta["postprocess"] = {"median_size": int(median_size)}
     if restoration is not None:
         restoration.save_pretrained(folder / "healer")
         meta["restoration"] = "healer"
     write_json(folder / MODEL_CONFIG, meta)
     return folder
+
+
+def add_contrast_route(folder: str | os.PathLike[str], contrast: str, model: str | os.PathLike[str]) -> Path:
+    """Copy the model folder ``model`` into ``folder/<contrast>`` and route scans of that contrast to it.
+    A VAE identical to the folder's own is referred to (``"vae": "../vae"``) rather than copied twice."""
+    folder, source = Path(folder), Path(model)
+    if contrast not in CONTRASTS:
+        raise ValueError(f"contrast must be one of {', '.join(CONTRASTS)}, not {contrast!r}")
+    meta, sub_meta = read_model_config(folder), read_model_config(source)
+    if meta is None or sub_meta is None:
+        raise ModelLoadError(f"{folder if meta is None else source}: no {MODEL_CONFIG}; both the model and its "
+                             f"{contrast} route must be model folders (anomaly train writes them)")
+    target = folder / contrast
+    if target.exists():
+        shutil.rmtree(target)
+    own_vae, sub_vae = _vae_dir(folder, meta), _vae_dir(source, sub_meta)
+    shared = _same_vae(own_vae, sub_vae)
+    shutil.copytree(source, target)
+    if shared:
+        shutil.rmtree(target / sub_meta.get("vae", "vae"))
+        sub_meta["vae"] = os.path.relpath(own_vae, target)
+        write_json(target / MODEL_CONFIG, sub_meta)
+    meta["by_contrast"] = {**(meta.get("by_contrast") or {}), contrast: contrast}
+    write_json(folder / MODEL_CONFIG, meta)
+    return target
+
+
+def _same_vae(a: Path, b: Path) -> bool:
+    """Whether two VAE folders hold the same architecture and the same weight bytes (diffusers' bookkeeping
+    keys such as ``_name_or_path`` aside)."""
+    def config(folder: Path) -> dict[str, Any]:
+        return {k: v for k, v in load_json(folder / "config.json", "config.json").items() if not k.startswith("_")}
+
+    def weights(folder: Path) -> list[bytes]:
+        return [hashlib.sha256(p.read_bytes()).digest() for p in sorted(folder.glob("*.safetensors"))]
+
+    return config(a) == config(b) and bool(weights(a)) and weights(a) == weights(b)

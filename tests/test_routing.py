@@ -12,7 +12,13 @@ import torch
 from diffusers import AutoencoderKL
 
 from anomaly.config import PostprocessConfig, PreprocessConfig, ScoringSettings
-from anomaly.models import ContrastRoutedModel, ModelLoadError, add_contrast_route, load_model, save_model_folder
+from anomaly.models import (
+    ContrastRoutedModel,
+    ModelLoadError,
+    add_contrast_route,
+    load_model,
+    save_model_folder,
+)
 from anomaly.models.folder import weights_hash
 from anomaly.preprocess import InputSpec
 from anomaly.scoring import score_volume
@@ -91,3 +97,12 @@ def test_a_broken_route_is_refused_with_what_to_do(routed: Path) -> None:
 def test_routes_move_to_the_device_with_the_model(routed: Path) -> None:
     model = load_model(routed, device="cpu")
     assert model.for_contrast("t2").device == torch.device("cpu") == model.device
+
+
+def test_the_viewer_names_the_contrast_and_route_of_a_scan() -> None:
+    from anomaly.records import ResultDetails
+    from dashboard.views.viewer import _model_line
+
+    routed = ResultDetails(contrast="t2", stages={"model": "t2: default-t2"})
+    assert _model_line("default", routed) == "default (scored as T2; route t2: default-t2)"
+    assert _model_line("default", ResultDetails()) == "default (contrast unknown)"

@@ -139,7 +139,7 @@ def details(detail: ResultDetail, vols: ScanVolumes) -> None:
             "mask": display_path(result.mask_path, run.out_dir) or "—",
             "output folder": run.out_dir,
             "shape / spacing / orientation": f"{scan.shape} / {scan.spacing} / {scan.orientation}",
-            "model": run.model.name,
+            "model": _model_line(run.model.name, ResultDetails.from_dict(result.details)),
             "calibration": run.calibration.ref if run.calibration else "none",
             "scoring time (s)": fmt_score(result.timing_s),
             "content hash": scan.content_hash,
@@ -147,6 +147,13 @@ def details(detail: ResultDetail, vols: ScanVolumes) -> None:
         st.table({"": list(rows), "value": [plain(v) for v in rows.values()]})
         for warning in ResultDetails.from_dict(result.details).warnings:
             st.caption(f":material/warning: {plain(warning)}")
+
+
+def _model_line(name: str, facts: ResultDetails) -> str:
+    """The run's model, with the contrast it scored the scan as and the route that did (models routed by contrast)."""
+    route = facts.stages.get("model")
+    contrast = f"scored as {facts.contrast.upper()}" if facts.contrast else "contrast unknown"
+    return f"{name} ({contrast}{'; route ' + str(route) if route else ''})"
 
 
 def header(detail: ResultDetail, prev_id: int | None, next_id: int | None, run: RunSummary) -> None:

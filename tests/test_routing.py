@@ -106,3 +106,16 @@ def test_the_viewer_names_the_contrast_and_route_of_a_scan() -> None:
     routed = ResultDetails(contrast="t2", stages={"model": "t2: default-t2"})
     assert _model_line("default", routed) == "default (scored as T2; route t2: default-t2)"
     assert _model_line("default", ResultDetails()) == "default (contrast unknown)"
+
+
+def test_the_command_line_adds_a_route(tmp_path: Path, tiny_vae_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.cli import main
+
+    base = shutil.copytree(tiny_vae_folder, tmp_path / "mine")
+    t2 = save_model_folder(tmp_path / "mine-t2", AutoencoderKL.from_pretrained(tiny_vae_folder / "vae"),
+                           name="mine-t2", input_spec=T2_SPEC)
+    assert main(["models", "route", str(base), "t2", str(t2)]) == 0
+    assert "T2 scans scored with" in capsys.readouterr().out
+    assert load_model(base).for_contrast("t2").name == "mine-t2"  # type: ignore[attr-defined]
+    assert main(["models", "route", str(base), "flair", str(base)]) == 2
+    assert "not" in capsys.readouterr().err and not (base / "flair").exists()

@@ -1,4 +1,5 @@
-"""``anomaly models``: list known models, import the public Medical-VAE checkpoint safely."""
+"""``anomaly models``: list known models, import the public Medical-VAE checkpoint safely, route a contrast
+to its own model."""
 
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("--out", metavar="DIR", help="output folder (default: the models folder /medical-vae)")
     imp.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     imp.set_defaults(func=run_import)
+    route = verbs.add_parser("route", help="score scans of one contrast with another model folder (copied into "
+                                           "MODEL/<contrast>)",
+                             epilog="example:\n  anomaly models route runs/mine/model t2 runs/mine-t2/model",
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    route.add_argument("model", metavar="MODEL", help="model folder that gains the route (anomaly train writes them)")
+    route.add_argument("contrast", choices=("t1", "t2", "flair"))
+    route.add_argument("route", metavar="ROUTE", help="model folder that scores scans of that contrast")
+    route.set_defaults(func=run_route)
     p.set_defaults(func=run_list)
 
 
@@ -56,4 +65,26 @@ def run_import(args: argparse.Namespace) -> int:
         print(f"note: this checkpoint is not the public Medical-VAE architecture ({'; '.join(wrong)}); "
               "load it by its folder path")
     print("use it with: anomaly score ... --model " + ("medical-vae" if by_name else str(out)))
+    return 0
+
+
+def run_route(args: argparse.Namespace) -> int:
+    from anomaly.models import ContrastRoutedModel, ModelLoadError, add_contrast_route, load_model_folder
+
+    model, route = Path(args.model).expanduser(), Path(args.route).expanduser()
+    for folder in (model, route):
+        if not folder.is_dir():
+            raise UserError(f"{folder}: model folder not found; give folders written by anomaly train")
+    if model.resolve() == route.resolve() or model.resolve() in route.resolve().parents:
+        raise UserError(f"{route}: a route must be another model folder, not {model} itself or inside it")
+    try:
+        target = add_contrast_route(model, args.contrast, route)
+        loaded = load_model_folder(model)  # the routed folder must load before it is reported ready
+    except ModelLoadError as exc:
+        raise UserError(str(exc)) from exc
+    if not isinstance(loaded, ContrastRoutedModel):  # pragma: no cover - add_contrast_route just wrote the route
+        raise UserError(f"{model}: the route was written but does not load; reinstall the model folder")
+    spec = loaded.for_contrast(args.contrast).input_spec
+    print(f"{args.contrast.upper()} scans scored with {target} ({spec.slice_size} px at {spec.spacing[0]:g} mm)")
+    print(f"use it with: anomaly score ... --model {model}")
     return 0

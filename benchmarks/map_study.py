@@ -229,6 +229,8 @@ def main() -> None:
     parser.add_argument("--noise-draws", type=int, default=0,
                         help="image space: also the mean restoration of N copies with coarse noise added")
     parser.add_argument("--patients", type=int, default=len(CHOICE_SET), help="only the first N patients of the set")
+    parser.add_argument("--contrasts", nargs="+", default=["t1", "t2", "flair"], choices=("t1", "t2", "flair"),
+                        help="only scans of these contrasts")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -245,7 +247,7 @@ def main() -> None:
     patients: dict[str, list[str]] = defaultdict(list)
     for dataset, case, contrasts, label in CHOICE_SET[:args.patients]:
         folder = Path(args.data) / dataset / case
-        for contrast in contrasts:
+        for contrast in (c for c in contrasts if c in args.contrasts):
             comp = cached_components(model, args.model, Path(args.cache), folder / f"{contrast}.nii.gz",
                                      folder / f"{label}.nii.gz", t0s, args.draws, args.iterations,
                                      args.noise_draws)

@@ -194,10 +194,13 @@ def test_shipped_models_are_small_and_trained_without_evaluation_cases(name: str
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert size < 20e6
     meta = json.loads((folder / "anomaly_model.json").read_text())
-    assert meta["restoration"] == "healer" and meta["training_volumes"]
     held_out = {"patient26", "pat0001", "pat0002", "Brats18_TCIA10_639_1", "ch2bet.nii.gz", "ch2.nii.gz"}
-    for case in meta["training_volumes"]:
-        assert matches_exclusion(case, EVALUATION_CASES) is None and case.split("/")[0] not in held_out
+    routes = [folder / sub for sub in (meta.get("by_contrast") or {}).values()]
+    for part in [folder, *routes]:  # the model and every per-contrast route it scores with
+        part_meta = json.loads((part / "anomaly_model.json").read_text())
+        assert part_meta["restoration"] == "healer" and part_meta["training_volumes"]
+        for case in part_meta["training_volumes"]:
+            assert matches_exclusion(case, EVALUATION_CASES) is None and case.split("/")[0] not in held_out
     assert (folder / "MODEL_CARD.md").is_file()
 
 

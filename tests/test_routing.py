@@ -117,5 +117,8 @@ def test_the_command_line_adds_a_route(tmp_path: Path, tiny_vae_folder: Path, ca
     assert main(["models", "route", str(base), "t2", str(t2)]) == 0
     assert "T2 scans scored with" in capsys.readouterr().out
     assert load_model(base).for_contrast("t2").name == "mine-t2"  # type: ignore[attr-defined]
+    from pipelines.commands.models import _routes
+
+    assert _routes(base) == {"t2": "mine-t2 (32 px at 2.0 mm)"}  # what `anomaly models list` prints under it
     assert main(["models", "route", str(base), "flair", str(base)]) == 2
     assert "not" in capsys.readouterr().err and not (base / "flair").exists()

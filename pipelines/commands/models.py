@@ -40,7 +40,23 @@ def run_list(args: argparse.Namespace) -> int:
     print(f"models folder: {models_dir()}  (set ANOMALY_MODELS_DIR to change)")
     for name, description, where in available_models():
         print(f"  {name:15s} {'ready' if where else 'absent':7s} {description}" + (f"\n  {'':15s} {'':7s} {where}" if where and where != "built in" else ""))
+        routes = _routes(Path(where)) if where and where != "built in" else {}
+        for contrast, sub in routes.items():
+            print(f"  {'':15s} {'':7s} {contrast.upper()} scans: {sub}")
     return 0
+
+
+def _routes(folder: Path) -> dict[str, str]:
+    """Per-contrast routes of a model folder, as ``contrast -> route name (grid)``; empty when it has none."""
+    from anomaly.models.folder import MODEL_CONFIG, read_model_config
+
+    found: dict[str, str] = {}
+    for contrast, sub in ((read_model_config(folder) or {}).get("by_contrast") or {}).items():
+        meta = read_model_config(folder / str(sub)) if (folder / str(sub) / MODEL_CONFIG).is_file() else None
+        spec = (meta or {}).get("input_spec") or {}
+        grid = f" ({spec.get('slice_size')} px at {spec.get('spacing', ['?'])[0]} mm)" if spec else ""
+        found[str(contrast)] = f"{(meta or {}).get('name', sub)}{grid}" if meta else f"{sub} (missing)"
+    return found
 
 
 def run_import(args: argparse.Namespace) -> int:

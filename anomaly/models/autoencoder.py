@@ -134,7 +134,7 @@ class AutoencoderSliceModel(SliceModel):
         self.extra = extra or {}
         self.vae.to(memory_format=torch.channels_last)
         if isinstance(self.restoration, ImageDenoiser):  # 1.3x (bf16) to 1.7x (fp32) faster on CPU, measured
-            self.restoration.to(memory_format=torch.channels_last)
+            self.restoration.unet.to(memory_format=torch.channels_last)
 
     @property
     def in_channels(self) -> int:

@@ -255,8 +255,6 @@ def upgrade_schema(engine: Engine, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_
     display = engine.url.render_as_string(hide_password=True)
     with engine.connect() as conn:
         current = current_revision(conn)
-        if current is None:
-            _check_not_foreign(conn, display)
     if current == head:
         return False
     _check_known(current, display)
@@ -265,6 +263,8 @@ def upgrade_schema(engine: Engine, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_
         if current == head:
             return False
         _check_known(current, display)
+        if current is None:  # under the lock: a concurrent opener's new schema is committed by now, not half-seen
+            _check_not_foreign(conn, display)
         command.upgrade(alembic_config(connection=conn), "head")
     return True
 

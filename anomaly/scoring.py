@@ -93,7 +93,8 @@ def erode_mask(mask: np.ndarray, erode_mm: float, spacing: tuple[float, float, f
 
 
 def postprocess(anomaly: np.ndarray, mask: np.ndarray, config: PostprocessConfig,
-                spacing: tuple[float, float, float], model_median: int = 5) -> tuple[np.ndarray, np.ndarray]:
+                spacing: tuple[float, float, float],
+                model_median: int = SliceModel.median_size) -> tuple[np.ndarray, np.ndarray]:
     """In-plane median filter (the config's size, else ``model_median``: the model's own) and brain-mask
     erosion; returns the cleaned map and the scored mask."""
     scored = erode_mask(mask, config.erode_mm, spacing)

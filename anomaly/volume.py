@@ -23,6 +23,7 @@ from anomaly import gzipio
 from anomaly.fileio import NotRegularFileError, atomic_path, open_regular, path_problem
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_STREAM_ERRORS: tuple[type[BaseException], ...] = (EOFError, *gzipio.CORRUPT_ERRORS)
 
 MIN_SPACING_MM = 0.1
 MAX_SPACING_MM = 10.0
@@ -284,9 +285,7 @@ def _read_header(path: Path, handle: BinaryIO) -> nib.Nifti1Header:
     klass = nib.Nifti2Header if kind == "nifti2" else nib.Nifti1Header
     try:
         header = klass.from_fileobj(handle, check=False)
-    except EOFError:
-        raise
-    except gzipio.CORRUPT_ERRORS:
+    except _STREAM_ERRORS:  # truncation and corrupt gzip: worded by the caller
         raise
     except Exception as exc:  # noqa: BLE001 - any header parse failure is a damaged header
         raise VolumeError(path, f"damaged NIfTI header ({type(exc).__name__}: {exc})", _HINT_COPY_AGAIN) from exc

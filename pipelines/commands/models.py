@@ -85,7 +85,7 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_route(args: argparse.Namespace) -> int:
-    from anomaly.models import ContrastRoutedModel, ModelLoadError, add_contrast_route, load_model_folder
+    from anomaly.models import ModelLoadError, add_contrast_route, load_model_folder, model_for
 
     model, route = Path(args.model).expanduser(), Path(args.route).expanduser()
     for folder in (model, route):
@@ -98,9 +98,7 @@ def run_route(args: argparse.Namespace) -> int:
         loaded = load_model_folder(model)  # the routed folder must load before it is reported ready
     except ModelLoadError as exc:
         raise UserError(str(exc)) from exc
-    if not isinstance(loaded, ContrastRoutedModel):  # pragma: no cover - add_contrast_route just wrote the route
-        raise UserError(f"{model}: the route was written but does not load; reinstall the model folder")
-    spec = loaded.for_contrast(args.contrast).input_spec
+    spec = model_for(loaded, args.contrast).input_spec
     print(f"{args.contrast.upper()} scans scored with {target} ({spec.slice_size} px at {spec.spacing[0]:g} mm)")
     print(f"use it with: anomaly score ... --model {model}")
     return 0

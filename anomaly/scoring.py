@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from anomaly.config import PostprocessConfig, ScoreConfig, ScoringSettings
 from anomaly.contrast import resolve_contrast
+from anomaly.median import median_in_plane
 from anomaly.models.base import SliceModel
 from anomaly.models.routing import model_for
 from anomaly.preprocess import PreparedVolume, prepare_scan, to_native
@@ -103,7 +104,7 @@ def postprocess(anomaly: np.ndarray, mask: np.ndarray, config: PostprocessConfig
     if size > 1 and scored.any():
         box = ndimage.find_objects(mask.astype(np.uint8))[0]
         out = np.zeros_like(anomaly)
-        out[box] = ndimage.median_filter(anomaly[box], size=(size, size, 1))
+        out[box] = median_in_plane(anomaly[box], size, where=scored[box])
     return np.where(scored, out, 0).astype(np.float32), scored
 
 

@@ -4,7 +4,7 @@ the exact shortcuts of post-processing (copy on a shared lattice, hole filling b
 where it is read) against the plain MONAI and scipy calls they replace.
 
 Prints seconds per brain for each variant and ratios against the sequential fp32 baseline run in the
-same process. Usage: python benchmarks/scoring_speed.py [--model default] [--n 4] [--compare latent-healer] [DATA_DIR]
+same process. Usage: python benchmarks/scoring_speed.py [--model default] [--n 4] [--contrast t2] [--compare latent-healer] [DATA_DIR]
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ from pipelines.executors import LocalExecutor
 from pipelines.work import ScanTask, score_scan
 
 
-def brains(root: Path, n: int) -> list[Path]:
-    found = sorted(root.glob("ms-open/patient*/t2.nii.gz")) + sorted(root.glob("brats2018/*/t2.nii.gz"))
+def brains(root: Path, n: int, contrast: str = "t2") -> list[Path]:
+    found = (sorted(root.glob(f"ms-open/patient*/{contrast}.nii.gz"))
+             + sorted(root.glob(f"brats2018/*/{contrast}.nii.gz")))
     if not found:
-        raise SystemExit(f"no T2 volumes under {root}; pass the shared data folder")
+        raise SystemExit(f"no {contrast} volumes under {root}; pass the shared data folder")
     return found[:n]
 
 
@@ -77,14 +78,16 @@ def main() -> None:
     parser.add_argument("data", nargs="?", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser.add_argument("--model", default="default")
     parser.add_argument("--n", type=int, default=3)
+    parser.add_argument("--contrast", choices=["t1", "t2", "flair"], default="t2",
+                        help="time brains of this contrast (a model may route each contrast to its own grid)")
     parser.add_argument("--bf16", action="store_true", help="time bf16 even where the CPU has no bf16 units")
     parser.add_argument("--compare", nargs="*", default=[], metavar="MODEL",
                         help="also time these models (sequential fp32), as ratios against --model")
     args = parser.parse_args()
-    paths = brains(Path(args.data), args.n)
+    paths = brains(Path(args.data), args.n, args.contrast)
     out = Path(os.environ.get("TMPDIR", "/tmp")) / "anomaly-bench"
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; model {args.model}; {len(paths)} brains")
+          f"{torch.get_num_threads()} threads; model {args.model}; {len(paths)} {args.contrast} brains")
     run(paths[:1], args.model, "fp32", False, out)  # warm-up: first-call allocations and lazy imports
     base = run(paths, args.model, "fp32", False, out)
     print(f"sequential fp32   {base:6.2f} s/brain   1.00x")

@@ -42,11 +42,10 @@ def lattice_map(src_affine: np.ndarray, dst_affine: np.ndarray, tolerance: float
     return LatticeMap(axes, sign, offset)  # type: ignore[arg-type]
 
 
-def copy_on_lattice(source: np.ndarray, mapping: LatticeMap, shape: tuple[int, ...],
-                    fill: float = 0.0) -> np.ndarray:
-    """``source`` read at the destination's voxels (``fill`` where they fall outside it)."""
+def copy_on_lattice(source: np.ndarray, mapping: LatticeMap, shape: tuple[int, ...]) -> np.ndarray:
+    """``source`` read at the destination's voxels (zero where they fall outside it)."""
     moved = np.transpose(source, mapping.axes)
-    out = np.full(tuple(shape), fill, dtype=source.dtype)
+    out = np.zeros(tuple(shape), dtype=source.dtype)
     dst_index, src_index = [], []
     for d in range(3):
         n_src, n_dst = moved.shape[d], int(shape[d])

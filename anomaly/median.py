@@ -18,10 +18,9 @@ CHUNK = 200_000
 
 def median_in_plane(values: np.ndarray, size: int, where: np.ndarray | None = None) -> np.ndarray:
     """Median over ``size x size`` in-plane windows (axes 0 and 1) of a 3D array; with ``where``, exact on
-    those voxels only and zero elsewhere (the caller reads no other voxel)."""
+    those voxels only (the caller reads no other voxel; they may hold zero)."""
     if where is None or values.size == 0 or float(values.min()) < 0:
-        out = ndimage.median_filter(values, size=(size, size, 1))
-        return out if where is None else np.where(where, out, 0).astype(values.dtype)
+        return ndimage.median_filter(values, size=(size, size, 1))
     n = size * size
     positives = ndimage.uniform_filter((values > 0).astype(np.float32), size=(size, size, 1), mode="reflect") * n
     need = where & (positives > n - n // 2 - 0.5)  # fewer positives than that: the window's median is zero

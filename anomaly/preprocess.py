@@ -3,7 +3,7 @@
 Forward: canonical orientation, resampling to the model spacing, brain mask, robust intensity
 scaling inside the brain, crop to the brain and pad to the model's slice size. Backward: any array
 on that model grid is resampled onto the input's own shape and affine with MONAI's SpatialResample, or
-copied voxel for voxel where both grids share one lattice (:mod:`anomaly.lattice`; same values, 10x faster).
+copied voxel for voxel where both grids share one lattice (:mod:`anomaly.lattice`; same values, no interpolation).
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ class BrainMask(Transform):
         spread = float(np.percentile(np.abs(arr - background), 99.5))
         if spread <= 0:
             return torch.zeros_like(img, dtype=torch.bool)
-        mask = torch.as_tensor(np.abs(arr - background) > self.tolerance * spread)[None]
-        return torch.as_tensor(largest_component(fill_holes(mask[0].numpy())))[None]
+        mask = np.abs(arr - background) > self.tolerance * spread
+        return torch.as_tensor(largest_component(fill_holes(mask)))[None]
 
 
 class ScaleInBrain(Transform):

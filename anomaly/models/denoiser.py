@@ -18,6 +18,7 @@ import torch
 from diffusers import UNet2DModel
 
 from anomaly.configparse import build, load_json
+from anomaly.models.fixed_unet import FixedClassUNet, foldable
 from anomaly.models.restoration import HEALER_CONFIG
 
 DENOISER_KIND = "image-dae"
@@ -55,6 +56,8 @@ class ImageDenoiser(torch.nn.Module):
         super().__init__()
         self.unet = unet
         self.config = config
+        self._scoring_dtype: torch.dtype | None = None
+        self._fixed: dict[int | None, FixedClassUNet] = {}
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The network's output for a ``[B, 1, H, W]`` batch in [0, 1] (model space is [-1, 1])."""
@@ -63,17 +66,40 @@ class ImageDenoiser(torch.nn.Module):
             labels = torch.full_like(t, len(self.config.classes))
         return x + self.unet(x * 2 - 1, t, class_labels=labels).sample / 2
 
+    def for_scoring(self, dtype: torch.dtype | None = torch.float32) -> ImageDenoiser:
+        """Freeze for scoring: :meth:`restore` then runs one :class:`FixedClassUNet` per contrast, built on
+        first use from the current weights, in ``dtype`` (bf16: every layer, group norms included, runs in
+        bf16, where autocast would compute the norms in fp32 and convert around them) and channels-last
+        (oneDNN's faster convolutions). Call it again after changing the weights; ``None`` goes back to
+        the UNet as loaded (what training and the speed benchmark's baseline run)."""
+        self._scoring_dtype = dtype if dtype is not None and foldable(self.unet) else None
+        self._fixed = {}
+        return self
+
+    def _fixed_network(self, label: int | None, device: torch.device) -> FixedClassUNet:
+        """The frozen network of one class on ``device`` (built once, again after a move)."""
+        net = self._fixed.get(label)
+        if net is None or next(net.parameters()).device != device:
+            net = self._fixed[label] = FixedClassUNet(self.unet, label).to(device=device, dtype=self._scoring_dtype)
+        return net
+
     @torch.inference_mode()
     def restore(self, x: torch.Tensor, contrast: str | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The healthy version of a batch of slices ``[B, 1, H, W]`` in [0, 1] (of ``contrast`` when the
         UNet is class-conditional), clipped to [0, 1] and zero outside the brain: ``mask`` > 0.5 when given,
         else the non-zero input. Give the mask: a lesion darker than the brain's lowest percentile is
         scaled to zero, and without the mask it would count as outside the brain and never show."""
-        labels = None
-        if self.config.classes:
-            labels = torch.full((x.shape[0],), self.config.class_index(contrast), dtype=torch.long, device=x.device)
-        # channels-last, like the weights once the model is loaded for scoring: oneDNN's faster convolutions
-        out = self(x.float().contiguous(memory_format=torch.channels_last), labels).clamp(0, 1)
+        x = x.float().contiguous(memory_format=torch.channels_last)
+        label = self.config.class_index(contrast) if self.config.classes else None
+        if self._scoring_dtype is None:
+            labels = None if label is None else torch.full((x.shape[0],), label, dtype=torch.long, device=x.device)
+            out = self(x, labels)
+        else:
+            net = self._fixed_network(label, x.device)
+            # the network runs in its own dtype: autocast would lift bf16 group norms back to fp32
+            with torch.autocast(x.device.type, enabled=False):
+                out = x + net((x * 2 - 1).to(net.dtype)).float() / 2
+        out = out.clamp(0, 1)
         return out * ((mask > 0.5) if mask is not None else (x > 0))
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> None:

@@ -110,26 +110,48 @@ class ScaleInBrain(Transform):
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """Fill the background pockets a mask encloses: what MONAI's ``FillHoles`` does (background not
     reachable from the array's faces with full connectivity), by one labelling pass instead of a dilation
-    grown until it stops (3x faster on a 1 mm brain)."""
-    labels, n = ndimage.label(~mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
+    grown until it stops (3x faster on a 1 mm brain), over the mask's bounding box alone."""
+    mask = np.asarray(mask, dtype=bool)
+    box = _bounding_box(mask, margin=1)  # a ring of background around the box: every path out crosses it
+    out = np.zeros(mask.shape, dtype=bool)
+    if box is None:
+        return out
+    inner = mask[box]
+    labels, n = ndimage.label(~inner, structure=np.ones((3,) * inner.ndim, dtype=bool))
     if n == 0:
-        return mask.astype(bool)
+        out[box] = inner
+        return out
     open_to_face = np.zeros(n + 1, dtype=bool)
-    for axis in range(mask.ndim):
+    for axis in range(inner.ndim):
         for end in (0, -1):
             open_to_face[np.take(labels, end, axis=axis)] = True
     open_to_face[0] = False
-    return ~open_to_face[labels]
+    out[box] = ~open_to_face[labels]
+    return out
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    """Keep the largest face-connected component of a boolean mask."""
-    labels, n = ndimage.label(mask)
+    """Keep the largest face-connected component of a boolean mask (labelled over its bounding box)."""
+    mask = np.asarray(mask, dtype=bool)
+    box = _bounding_box(mask)
+    if box is None:
+        return mask.copy()
+    labels, n = ndimage.label(mask[box])
     if n <= 1:
-        return mask.astype(bool)
+        return mask.copy()
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+    out = np.zeros(mask.shape, dtype=bool)
+    out[box] = labels == int(np.argmax(sizes))
+    return out
+
+
+def _bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+    """The index box of a boolean mask's True voxels grown by ``margin`` within the array; None if empty."""
+    found = ndimage.find_objects(np.ascontiguousarray(mask).view(np.uint8))
+    if not found or found[0] is None:
+        return None
+    return tuple(slice(max(0, b.start - margin), min(n, b.stop + margin)) for b, n in zip(found[0], mask.shape, strict=True))
 
 
 def _subsample(values: torch.Tensor, limit: int = 4_000_000) -> torch.Tensor:

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from anomaly.lattice import lattice_map
 from anomaly.median import median_in_plane
-from anomaly.preprocess import fill_holes, resample_grid
+from anomaly.preprocess import fill_holes, largest_component, resample_grid
 
 
 def _monai_resample(array: np.ndarray, src: np.ndarray, shape: tuple[int, int, int], dst: np.ndarray,
@@ -76,6 +76,30 @@ def test_fill_holes_equals_monai(seed: int) -> None:
     assert filled[10, 10, 10] and filled.sum() > mask.sum()
     np.testing.assert_array_equal(filled, reference)
     assert not fill_holes(np.zeros((5, 5, 5), dtype=bool)).any()
+
+
+@pytest.mark.parametrize("corner", [(3, 4, 2), (0, 6, 0), (10, 0, 14)])
+def test_fill_holes_and_largest_component_in_a_corner_of_the_array(corner: tuple[int, int, int]) -> None:
+    """Both work on the mask's bounding box: a mask in a corner, touching faces or not, gives what the
+    whole array gives (MONAI's FillHoles; scipy's labelling of the whole array)."""
+    rng = np.random.default_rng(sum(corner))
+    mask = np.zeros((30, 28, 26), dtype=bool)
+    part = ndimage.binary_opening(rng.random((16, 18, 12)) > 0.4)
+    part[3:12, 3:14, 3:10] = True
+    part[5:8, 6:9, 5:7] = False                      # a pocket to fill
+    part[0:2, 0:2, :] = False                        # a channel open at the box's edge: not a hole
+    x, y, z = corner
+    mask[x:x + 16, y:y + 18, z:z + 12] = part
+    for _ in range(2):  # the part alone (a small box), then with a lone voxel far away (its own component)
+        reference = np.asarray(FillHoles()(torch.as_tensor(mask[None]).to(torch.uint8)))[0] > 0
+        assert reference.sum() > mask.sum()
+        np.testing.assert_array_equal(fill_holes(mask), reference)
+        mask[28, 26, 24] = True
+    labels, n = ndimage.label(mask)
+    largest = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    assert n > 1 and not largest[28, 26, 24]
+    np.testing.assert_array_equal(largest_component(mask), largest)
+    assert not largest_component(np.zeros((4, 4, 4), dtype=bool)).any()
 
 
 @pytest.mark.parametrize("size", [3, 4, 5, 7])

@@ -79,6 +79,12 @@ def test_denoiser_learns_resumes_and_scores_from_its_folder(tmp_path: Path, data
         for p in loaded.vae.parameters():
             p.add_(torch.randn_like(p))
     np.testing.assert_array_equal(score_volume(volume, loaded).anomaly, maps.anomaly)
+    # scoring ran the UNet frozen for the scan's contrast; in bf16 that network's weights are bf16
+    assert list(loaded.restoration._fixed) == [0]
+    in_bf16 = load_model_folder(folder, precision="bf16")
+    bf16_maps = score_volume(volume, in_bf16)
+    assert next(in_bf16.restoration._fixed[0].parameters()).dtype == torch.bfloat16
+    assert np.corrcoef(bf16_maps.anomaly[brain], maps.anomaly[brain])[0, 1] > 0.95
 
 
 def test_denoiser_recipe_is_typed_and_checks_its_noise(tmp_path: Path) -> None:

@@ -62,11 +62,11 @@ class FixedClassUNet(torch.nn.Module):
             raise ValueError("this UNet's time conditioning cannot be folded; call it directly")
         net = copy.deepcopy(unet).float()
         with torch.no_grad():
-            emb = net.time_embedding(net.time_proj(torch.zeros(1, dtype=torch.long)))
+            emb = net.time_embedding(net.time_proj(torch.zeros(1, dtype=torch.long, device=net.device)))
             if net.class_embedding is not None:
                 if label is None:
                     raise ValueError("a class-conditional UNet needs a class label")
-                emb = emb + net.class_embedding(torch.tensor([label]))
+                emb = emb + net.class_embedding(torch.tensor([label], device=net.device))
             for block in net.modules():
                 if isinstance(block, ResnetBlock2D) and block.time_emb_proj is not None:
                     temb = emb if block.skip_time_act else block.nonlinearity(emb)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from anomaly.config import PreprocessConfig
-from anomaly.preprocess import InputSpec, prepare_volume, to_native
+from anomaly.preprocess import InputSpec, prepare_volume, quantiles, to_native
 from anomaly.volume import Volume, VolumeError
 from tests.conftest import SHARED_DATA, phantom
 
@@ -104,3 +105,15 @@ def test_head_with_skull_is_reported() -> None:
 def test_slice_size_must_suit_the_model() -> None:
     with pytest.raises(VolumeError, match="multiple of 8"):
         prepare_volume(_volume(phantom(), np.eye(4)), PreprocessConfig(slice_size=60), SPEC)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1001, 250_001])
+def test_quantiles_by_selection_are_torch_quantile_bit_for_bit(n: int) -> None:
+    generator = torch.Generator().manual_seed(n)
+    q = torch.tensor([0.005, 0.995, 0.5, 0.0, 1.0, 0.25])
+    for values in (torch.randn(n, generator=generator) * 100,  # distinct values
+                   (torch.randn(n, generator=generator) * 3).round(),  # many ties
+                   torch.rand(n, generator=generator, dtype=torch.float64)[::3]):  # float64, strided
+        assert torch.equal(quantiles(values, q.to(values.dtype)), torch.quantile(values, q.to(values.dtype)))
+    with pytest.raises(ValueError, match="empty"):
+        quantiles(torch.zeros(0), q)

@@ -37,6 +37,10 @@ class NotRegularFileError(OSError):
         return f"{self.filename}: {self.strerror}"
 
 
+#: What to do about an annexed file whose content was not fetched (datalad and git-annex datasets).
+ANNEX_HINT = "its content is not here: fetch it with `datalad get` or `git annex get`"
+
+
 def file_kind(mode: int) -> str | None:
     """What a non-regular file is (``a FIFO (named pipe)``, ...), or None for a regular file."""
     if stat.S_ISREG(mode):
@@ -59,6 +63,8 @@ def path_problem(path: str | os.PathLike[str]) -> str | None:
             target = os.readlink(path)
             if exc.errno == errno.ELOOP:
                 return f"symbolic link that loops (-> {target})"
+            if "annex/objects" in target.replace(os.sep, "/"):
+                return f"dangling symbolic link into a git-annex store (-> {target}); {ANNEX_HINT}"
             return f"dangling symbolic link (-> {target}, which does not exist)"
         if exc.errno == errno.ELOOP:
             return "a symbolic link on the path loops"

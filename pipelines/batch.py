@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from anomaly.calibration import Calibration
 from anomaly.config import ScoringSettings
-from anomaly.fileio import atomic_path, path_problem
+from anomaly.fileio import ANNEX_HINT, atomic_path, path_problem
 from anomaly.io.dicom import DicomSeries, find_series, is_zip_archive, looks_like_dicom
 from anomaly.models.base import SliceModel
 from anomaly.outputs import KINDS, output_path, outputs_present, stem_candidates
@@ -69,8 +69,14 @@ _HINT_PAIR = ("convert the pair to one .nii.gz file, e.g. nib.save(nib.load('sca
               "and score that")
 
 
+def _unreadable(problem: str) -> str:
+    """The reason a file is skipped, with what to do where the problem does not already say it."""
+    return problem if ANNEX_HINT in problem else f"{problem}; {_HINT_UNREADABLE}"
+
+
 def find_inputs(inputs: Sequence[str | os.PathLike[str]]) -> Discovery:
-    """Files as given, and ``.nii``/``.nii.gz`` files found recursively in folders, in a stable order.
+    """Files as given, and ``.nii``/``.nii.gz`` files found recursively in folders, in a stable order, as
+    absolute paths that keep symbolic links (a file reached twice is listed once, first as found).
 
     Nothing is opened: FIFOs, devices, sockets, dangling or looping links and folders named like scans
     are reported with their reason, never read. A missing input raises :class:`BatchError`."""
@@ -85,18 +91,21 @@ def find_inputs(inputs: Sequence[str | os.PathLike[str]]) -> Discovery:
         if problem is None:
             found.paths.append(path)
         elif os.path.lexists(path) and problem != "file not found":
-            found.problems.append((path, f"{problem}; {_HINT_UNREADABLE}"))
+            found.problems.append((path, _unreadable(problem)))
         else:
             raise BatchError(f"{path}: no such file or folder; check the input path")
-    unique: dict[Path, None] = {}
+    # one entry per file (a link and its target count once), named as given: a link's own name is the
+    # scan's name (datalad and git-annex datasets link every file to a content-addressed key)
+    unique: dict[Path, Path] = {}
     for p in found.paths:
-        unique.setdefault(p.resolve(), None)
-    found.paths = list(unique)
+        unique.setdefault(p.resolve(), Path(os.path.abspath(p)))
+    found.paths = list(unique.values())
     return found
 
 
 def _walk(folder: Path, found: Discovery, seen_dirs: set[tuple[int, int]]) -> None:
-    """Search ``folder`` (following links to folders once each) and sort every entry into ``found``."""
+    """Search ``folder`` (following links to folders once each, hidden folders left out) and sort every entry
+    into ``found``."""
     try:
         info = folder.stat()
         if (info.st_dev, info.st_ino) in seen_dirs:
@@ -113,7 +122,10 @@ def _walk(folder: Path, found: Discovery, seen_dirs: set[tuple[int, int]]) -> No
         name = entry.name.lower()
         problem = path_problem(path)
         named_scan = is_nifti_path(path)
-        if problem is not None and "folder" in problem:
+        if problem == "is a folder, not a regular file":
+            if entry.name.startswith("."):  # .git (a datalad dataset's annexed contents), .datalad, caches
+                found.notes.append(f"{path}: hidden folder, not searched; give it as an input to score what it holds")
+                continue
             if named_scan:
                 found.notes.append(f"{path}: a folder named like a NIfTI file; searched as a folder")
             _walk(path, found, seen_dirs)
@@ -126,7 +138,7 @@ def _walk(folder: Path, found: Discovery, seen_dirs: set[tuple[int, int]]) -> No
                 found.problems.append((path, f"half of an Analyze/NIfTI .hdr/.img pair, not a single-file NIfTI; "
                                              f"{_HINT_PAIR}"))
         elif problem is not None and (named_scan or entry.is_symlink()):
-            reason = f"{problem}; {_HINT_UNREADABLE}"
+            reason = _unreadable(problem)
             if named_scan:
                 found.problems.append((path, reason))
             else:

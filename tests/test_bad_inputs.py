@@ -7,6 +7,7 @@ import csv
 import gzip
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import tracemalloc
@@ -184,3 +185,44 @@ def test_bomb_beside_a_good_scan_costs_under_1_gb_and_the_good_scan_is_scored(tm
     assert rows["good.nii.gz"]["status"] == "ok"
     assert rows["bomb.nii.gz"]["status"] == "failed" and "can hold" in rows["bomb.nii.gz"]["error"]
     assert rows["p.nii.gz"]["status"] == "failed" and "FIFO" in rows["p.nii.gz"]["error"]
+
+
+def _annexed_dataset(root: Path) -> Path:
+    """A folder laid out as datalad and git-annex keep one: each scan a relative link to a content key under
+    .git/annex/objects, one of them not fetched (its link dangles)."""
+    key = "MD5E-s1234--0123456789abcdef.nii.gz"
+    store = root / ".git" / "annex" / "objects" / "Xx" / "Yy" / key
+    store.mkdir(parents=True)
+    write_nifti(store / key, phantom((40, 48, 36)), GOOD_AFFINE)
+    (root / "sub-07_FLAIR.nii.gz").symlink_to(Path(".git/annex/objects/Xx/Yy") / key / key)
+    missing = "MD5E-s99--fedcba9876543210.nii.gz"
+    (root / "sub-08_FLAIR.nii.gz").symlink_to(Path(".git/annex/objects/Zz/Ww") / missing / missing)
+    return root
+
+
+def test_an_annexed_dataset_is_scored_under_the_links_names(tmp_path: Path) -> None:
+    root = _annexed_dataset(tmp_path / "ds")
+    found = find_inputs([root])
+    assert [p.name for p in found.paths] == ["sub-07_FLAIR.nii.gz"]  # the link, not the content key
+    assert found.paths[0].is_symlink() and found.paths[0].is_absolute()
+    reasons = {p.name: r for p, r in found.problems}
+    assert "git-annex" in reasons["sub-08_FLAIR.nii.gz"] and "datalad get" in reasons["sub-08_FLAIR.nii.gz"]
+    assert any(".git" in note and "hidden folder" in note for note in found.notes)
+    # the link and its target given together are one scan, named as first given
+    target = found.paths[0].resolve()
+    assert [p.name for p in find_inputs([found.paths[0], target]).paths] == ["sub-07_FLAIR.nii.gz"]
+
+    table = tmp_path / "s.csv"
+    code = main(["score", str(root), "--out", str(tmp_path / "out"), "--db", str(tmp_path / "r.db"), "--model",
+                 "intensity", "--csv", str(table), "--quiet"])
+    assert code == 1  # the unfetched file failed, with its reason
+    with open(table, newline="") as handle:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(handle)}
+    assert rows["sub-07_FLAIR.nii.gz"]["status"] == "ok"
+    with sqlite3.connect(tmp_path / "r.db") as db:  # named and typed by the link's name, not the content key
+        (name, details), = db.execute("SELECT scan_name, details FROM results WHERE status = 'ok'")
+    assert name == "sub-07_FLAIR" and json.loads(details)["contrast"] == "flair"
+    assert rows["sub-08_FLAIR.nii.gz"]["status"] == "failed" and "datalad get" in rows["sub-08_FLAIR.nii.gz"]["error"]
+    assert (tmp_path / "out" / "sub-07_FLAIR_anomaly.nii.gz").is_file()
+    with pytest.raises(VolumeError, match="git annex get"):
+        load_volume(root / "sub-08_FLAIR.nii.gz")

@@ -154,3 +154,21 @@ def test_description_fields_are_checked_against_the_schema(tmp_path: Path) -> No
         "SourceDatasets": "not a list"}))
     assert derivative_problems(tmp_path) == ["dataset_description.json: GeneratedBy[0] lacks Name",
                                              "dataset_description.json: SourceDatasets should be a JSON array"]
+
+
+def test_an_annexed_image_keeps_its_bids_name(tmp_path: Path) -> None:
+    """datalad and git-annex datasets link each image to a content key under .git/annex/objects."""
+    from anomaly.io.bids import find_anatomical
+
+    bids = tmp_path / "ds"
+    files = _dataset(bids)
+    key = "MD5E-s4321--00112233445566778899aabbccddeeff.nii.gz"
+    store = bids / ".git" / "annex" / "objects" / "Ab" / "Cd" / key
+    store.mkdir(parents=True)
+    files["t1"].rename(store / key)
+    files["t1"].symlink_to(Path("../../../.git/annex/objects/Ab/Cd") / key / key)
+    assert files["t1"].is_file()
+    images = {im.relpath: im for im in find_anatomical(bids, participants=["01"])}
+    rel = "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"
+    assert set(images) == {rel, "sub-01/ses-1/anat/sub-01_ses-1_acq-ax_FLAIR.nii.gz"}
+    assert images[rel].suffix == "T1w" and images[rel].path.name == "sub-01_ses-1_T1w.nii.gz"

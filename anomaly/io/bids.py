@@ -184,11 +184,20 @@ def find_anatomical(bids_dir: str | os.PathLike[str], participants: Sequence[str
     for item in layout.get(**query):
         entities = {k: v for k, v in item.get_entities().items() if k not in ("extension", "datatype")}
         metadata = item.get_metadata() or {}
-        relpath = Path(item.path).resolve().relative_to(root).as_posix()
+        relpath = _relative(Path(item.path), root)
         images.append(BidsImage(path=Path(item.path), relpath=relpath, subject=str(entities["subject"]),
                                 session=str(entities["session"]) if "session" in entities else None,
                                 suffix=str(entities["suffix"]), entities=entities, metadata=dict(metadata)))
     return sorted(images, key=lambda im: im.relpath)
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to the dataset root, by its name in the dataset: an annexed file (datalad,
+    git-annex) is a link to a content key, and the key's name is not the image's BIDS name."""
+    try:
+        return Path(os.path.abspath(path)).relative_to(root).as_posix()
+    except ValueError:
+        return path.resolve().relative_to(root).as_posix()
 
 
 def read_description(bids_dir: str | os.PathLike[str]) -> dict[str, Any]:

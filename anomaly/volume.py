@@ -150,6 +150,27 @@ def load_volume(path: str | os.PathLike[str], max_bytes: int | None = None) -> V
     return Volume(data=data, affine=affine, path=path, source_dtype=dtype, warnings=tuple(notes))
 
 
+#: A volume with no more whole-number values than this is a mask or label map, not an MRI scan (an 8-bit
+#: scan still has hundreds of grey values).
+LABEL_MAP_MAX_VALUES = 16
+LABEL_MAP_HINT = ("leave masks and label maps out of the scan folders: give lesion masks to `anomaly evaluate "
+                  "--labels` or `anomaly calibrate --labels`, and brain masks to `--brain-mask`")
+
+
+def label_map_problem(volume: Volume) -> str | None:
+    """Why ``volume`` looks like a mask or label map (lesion masks, tumour labels, brain masks, tissue
+    segmentations: a few whole-number values) rather than a scan, or None. Costs a 200,000-voxel sample for
+    a scan; only a volume whose sample has few values is looked at whole."""
+    flat = np.ravel(volume.data, order="K")
+    if np.unique(flat[:: max(1, flat.size // 200_000)]).size > LABEL_MAP_MAX_VALUES:
+        return None
+    values = np.unique(flat)
+    if values.size > LABEL_MAP_MAX_VALUES or not np.array_equal(values, np.round(values)):
+        return None
+    shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if values.size > 8 else "")
+    return f"looks like a mask or label map, not an MRI scan (only {values.size} whole-number values: {shown})"
+
+
 def load_mask(path: str | os.PathLike[str], like: Volume | None = None, max_bytes: int | None = None) -> np.ndarray:
     """Read a label or mask NIfTI as a boolean array (any label > 0 is True).
 

@@ -29,7 +29,15 @@ from anomaly.outputs import output_path
 from anomaly.preprocess import PreparedVolume, prepare_scan
 from anomaly.records import ResultDetails
 from anomaly.scoring import ScanMaps, score_prepared
-from anomaly.volume import Volume, VolumeError, load_volume, max_volume_bytes, save_nifti
+from anomaly.volume import (
+    LABEL_MAP_HINT,
+    Volume,
+    VolumeError,
+    label_map_problem,
+    load_volume,
+    max_volume_bytes,
+    save_nifti,
+)
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,9 @@ def load_and_prepare(task: ScanTask, model: SliceModel, settings: ScoringSetting
     t0 = time.perf_counter()
     try:
         volume = load_series(task.series) if task.series is not None else load_volume(task.path, max_bytes=task.max_bytes)
+        not_a_scan = label_map_problem(volume)
+        if not_a_scan is not None:
+            raise VolumeError(task.path, not_a_scan, LABEL_MAP_HINT)
         contrast = scan_contrast(task, settings)
         scoring = model_for(model, contrast)  # a model routed by contrast has one grid per route
         check_model_grid(volume, settings, scoring, task.max_bytes)

@@ -226,3 +226,24 @@ def test_an_annexed_dataset_is_scored_under_the_links_names(tmp_path: Path) -> N
     assert (tmp_path / "out" / "sub-07_FLAIR_anomaly.nii.gz").is_file()
     with pytest.raises(VolumeError, match="git annex get"):
         load_volume(root / "sub-08_FLAIR.nii.gz")
+
+
+def test_masks_and_label_maps_in_a_scan_folder_fail_with_where_they_belong(tmp_path: Path) -> None:
+    folder = tmp_path / "case"
+    scan = phantom((40, 48, 36), lesion=True)
+    write_nifti(folder / "flair.nii.gz", scan, GOOD_AFFINE)
+    write_nifti(folder / "t1_8bit.nii.gz", np.clip(scan, 0, 255).round(), GOOD_AFFINE, dtype=np.uint8)  # a scan
+    write_nifti(folder / "lesion_mask.nii.gz", (scan > 150).astype(np.uint8), GOOD_AFFINE, dtype=np.uint8)
+    tumour = np.select([scan > 150, scan > 90, scan > 50], [4, 2, 1], 0).astype(np.float32)  # BraTS labels 0/1/2/4
+    write_nifti(folder / "seg.nii.gz", tumour, GOOD_AFFINE)
+    table = tmp_path / "s.csv"
+    code = main(["score", str(folder), "--out", str(tmp_path / "out"), "--db", str(tmp_path / "r.db"), "--model",
+                 "intensity", "--csv", str(table), "--quiet"])
+    assert code == 1
+    with open(table, newline="") as handle:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(handle)}
+    assert rows["flair.nii.gz"]["status"] == "ok" and rows["t1_8bit.nii.gz"]["status"] == "ok"
+    assert "2 whole-number values: 0, 1" in rows["lesion_mask.nii.gz"]["error"]
+    assert "4 whole-number values: 0, 1, 2, 4" in rows["seg.nii.gz"]["error"]
+    for name in ("lesion_mask.nii.gz", "seg.nii.gz"):
+        assert rows[name]["status"] == "failed" and "--labels" in rows[name]["error"]

@@ -106,6 +106,15 @@ def test_qform_that_disagrees_on_left_right_warns(tmp_path: Path) -> None:
     assert not load_volume(tmp_path / "s.nii.gz").warnings
 
 
+def _score_with_intensity(folder: Path, tmp_path: Path) -> tuple[int, dict[str, dict[str, str]]]:
+    """``anomaly score FOLDER`` with the intensity model: the exit code and the CSV rows by file name."""
+    table = tmp_path / "s.csv"
+    code = main(["score", str(folder), "--out", str(tmp_path / "out"), "--db", str(tmp_path / "r.db"), "--model",
+                 "intensity", "--csv", str(table), "--quiet"])
+    with open(table, newline="") as handle:
+        return code, {Path(r["path"]).name: r for r in csv.DictReader(handle)}
+
+
 def _odd_folder(root: Path) -> Path:
     write_nifti(root / "good.nii.gz", phantom((40, 48, 36)), GOOD_AFFINE)
     os.mkfifo(root / "p.nii.gz")
@@ -132,12 +141,8 @@ def test_every_skipped_entry_is_reported_and_the_good_scans_scored(tmp_path: Pat
     notes = " ".join(found.notes)
     assert "folder.nii.gz" in notes and "already searched" in notes
 
-    table = tmp_path / "s.csv"
-    code = main(["score", str(folder), "--out", str(tmp_path / "out"), "--db", str(tmp_path / "r.db"), "--model",
-                 "intensity", "--csv", str(table), "--quiet"])
+    code, rows = _score_with_intensity(folder, tmp_path)
     assert code == 1
-    with open(table, newline="") as handle:
-        rows = {Path(r["path"]).name: r for r in csv.DictReader(handle)}
     assert rows["good.nii.gz"]["status"] == "ok" and rows["inner.nii.gz"]["status"] == "ok"
     for name in ("p.nii.gz", "gone.nii.gz", "loop.nii.gz", "pair.hdr"):
         assert rows[name]["status"] == "failed" and name in rows[name]["error"]
@@ -212,12 +217,8 @@ def test_an_annexed_dataset_is_scored_under_the_links_names(tmp_path: Path) -> N
     target = found.paths[0].resolve()
     assert [p.name for p in find_inputs([found.paths[0], target]).paths] == ["sub-07_FLAIR.nii.gz"]
 
-    table = tmp_path / "s.csv"
-    code = main(["score", str(root), "--out", str(tmp_path / "out"), "--db", str(tmp_path / "r.db"), "--model",
-                 "intensity", "--csv", str(table), "--quiet"])
+    code, rows = _score_with_intensity(root, tmp_path)
     assert code == 1  # the unfetched file failed, with its reason
-    with open(table, newline="") as handle:
-        rows = {Path(r["path"]).name: r for r in csv.DictReader(handle)}
     assert rows["sub-07_FLAIR.nii.gz"]["status"] == "ok"
     with sqlite3.connect(tmp_path / "r.db") as db:  # named and typed by the link's name, not the content key
         (name, details), = db.execute("SELECT scan_name, details FROM results WHERE status = 'ok'")
@@ -236,12 +237,8 @@ def test_masks_and_label_maps_in_a_scan_folder_fail_with_where_they_belong(tmp_p
     write_nifti(folder / "lesion_mask.nii.gz", (scan > 150).astype(np.uint8), GOOD_AFFINE, dtype=np.uint8)
     tumour = np.select([scan > 150, scan > 90, scan > 50], [4, 2, 1], 0).astype(np.float32)  # BraTS labels 0/1/2/4
     write_nifti(folder / "seg.nii.gz", tumour, GOOD_AFFINE)
-    table = tmp_path / "s.csv"
-    code = main(["score", str(folder), "--out", str(tmp_path / "out"), "--db", str(tmp_path / "r.db"), "--model",
-                 "intensity", "--csv", str(table), "--quiet"])
+    code, rows = _score_with_intensity(folder, tmp_path)
     assert code == 1
-    with open(table, newline="") as handle:
-        rows = {Path(r["path"]).name: r for r in csv.DictReader(handle)}
     assert rows["flair.nii.gz"]["status"] == "ok" and rows["t1_8bit.nii.gz"]["status"] == "ok"
     assert "2 whole-number values: 0, 1" in rows["lesion_mask.nii.gz"]["error"]
     assert "4 whole-number values: 0, 1, 2, 4" in rows["seg.nii.gz"]["error"]

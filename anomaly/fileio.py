@@ -26,12 +26,21 @@ def _read_umask() -> int:
 FILE_MODE = 0o666 & ~_read_umask()  # what open() would give a new file; mkstemp alone gives 0o600
 
 
+def not_regular(kind: str) -> str:
+    """The problem of a path that is ``kind`` (as :func:`file_kind` names it) rather than a regular file."""
+    return f"is {kind}, not a regular file"
+
+
+#: :func:`path_problem`'s answer for a folder.
+IS_FOLDER = not_regular("a folder")
+
+
 class NotRegularFileError(OSError):
     """A path that names a FIFO, device, socket or folder where a regular file was expected."""
 
     def __init__(self, path: str | os.PathLike[str], kind: str) -> None:
         self.kind = kind
-        super().__init__(errno.EINVAL, f"is {kind}, not a regular file", os.fspath(path))
+        super().__init__(errno.EINVAL, not_regular(kind), os.fspath(path))
 
     def __str__(self) -> str:
         return f"{self.filename}: {self.strerror}"
@@ -76,7 +85,7 @@ def path_problem(path: str | os.PathLike[str]) -> str | None:
             return "file not found"
         return exc.strerror or str(exc)
     kind = file_kind(info.st_mode)
-    return None if kind is None else f"is {kind}, not a regular file"
+    return None if kind is None else not_regular(kind)
 
 
 def open_regular(path: str | os.PathLike[str]) -> BinaryIO:

@@ -20,7 +20,7 @@ import numpy as np
 from nibabel.volumeutils import array_from_file
 
 from anomaly import gzipio
-from anomaly.fileio import ANNEX_HINT, NotRegularFileError, atomic_path, open_regular, path_problem
+from anomaly.fileio import ANNEX_HINT, IS_FOLDER, NotRegularFileError, atomic_path, open_regular, path_problem
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _STREAM_ERRORS: tuple[type[BaseException], ...] = (EOFError, *gzipio.CORRUPT_ERRORS)
@@ -223,7 +223,7 @@ def _read_nifti(path: Path, max_bytes: int | None = None) -> tuple[np.ndarray, n
     problem = path_problem(path)
     if problem == "file not found":
         raise VolumeError(path, "file not found", "check the path and the working folder")
-    if problem == "is a folder, not a regular file":
+    if problem == IS_FOLDER:
         raise VolumeError(path, "is a folder, not a NIfTI file", _HINT_NIFTI)
     if problem is not None and ANNEX_HINT in problem:
         raise VolumeError(path, problem)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from anomaly.calibration import Calibration
 from anomaly.config import ScoringSettings
-from anomaly.fileio import ANNEX_HINT, atomic_path, path_problem
+from anomaly.fileio import ANNEX_HINT, IS_FOLDER, atomic_path, path_problem
 from anomaly.io.dicom import DicomSeries, find_series, is_zip_archive, looks_like_dicom
 from anomaly.models.base import SliceModel
 from anomaly.outputs import KINDS, output_path, outputs_present, stem_candidates
@@ -122,7 +122,7 @@ def _walk(folder: Path, found: Discovery, seen_dirs: set[tuple[int, int]]) -> No
         name = entry.name.lower()
         problem = path_problem(path)
         named_scan = is_nifti_path(path)
-        if problem == "is a folder, not a regular file":
+        if problem == IS_FOLDER:
             if entry.name.startswith("."):  # .git (a datalad dataset's annexed contents), .datalad, caches
                 found.notes.append(f"{path}: hidden folder, not searched; give it as an input to score what it holds")
                 continue

@@ -18,7 +18,7 @@ from anomaly.scoring import score_volume
 from anomaly.training.augment import AugmentConfig
 from anomaly.training.config import ConfigError, DenoiserTrainConfig, VaeTrainConfig, load_recipe
 from anomaly.training.data import build_slice_set, find_sources
-from anomaly.training.denoiser import corrupt, train_denoiser, validation_mse
+from anomaly.training.denoiser import corrupt, start_from, train_denoiser, validation_mse
 from anomaly.training.vae import build_vae
 from anomaly.volume import load_volume
 from tests.conftest import phantom, write_nifti
@@ -115,3 +115,29 @@ def test_restore_keeps_a_dark_lesion_inside_the_brain_mask() -> None:
     assert torch.equal(masked[..., 12:18, 12:18], raw[..., 12:18, 12:18]) and float(masked[..., 12:18, 12:18].max()) > 0
     assert float(masked[brain == 0].abs().max()) == 0.0
     assert float(model.restore(x, "t1")[..., 12:18, 12:18].abs().max()) == 0.0
+
+
+def test_denoiser_trains_on_from_a_saved_restoration_stage(tmp_path: Path, data) -> None:  # noqa: ANN001
+    """``init_from`` starts from saved weights (the shipped ones can be trained further without their run's
+    checkpoints) and refuses a folder of another layout or other contrast classes."""
+    _, slices = data
+    torch.manual_seed(3)
+    saved = ImageDenoiser(build_denoiser_unet((8, 16), 1, 32, 2), DenoiserConfig(classes=("t2",)))
+    saved.save_pretrained(tmp_path / "model" / "healer")
+    fresh = build_denoiser_unet((8, 16), 1, 32, 2)
+    start_from(fresh, ("t2",), tmp_path / "model")  # the model folder or its healer/ both serve
+    for name, value in saved.unet.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+    with pytest.raises(ConfigError, match="contrast classes"):
+        start_from(build_denoiser_unet((8, 16), 1, 32, 3), ("t1", "t2"), tmp_path / "model")
+    with pytest.raises(ConfigError, match="layout"):
+        start_from(build_denoiser_unet((16, 32), 1, 32, 2), ("t2",), tmp_path / "model")
+    with pytest.raises(ConfigError, match="no restoration stage"):
+        start_from(fresh, ("t2",), tmp_path)
+    lines: list[str] = []
+    settings = replace(TINY, max_steps=1, lr=1e-12, init_from=str(tmp_path / "model"), crop_size=0)
+    result = train_denoiser(slices, None, settings, tmp_path / "run", slice_size=32, augment=NO_AUGMENT,
+                            progress=False, log=lines.append)
+    assert any("initialised from" in line for line in lines)
+    for name, value in saved.unet.state_dict().items():  # one step at a negligible rate: still the saved weights
+        assert torch.allclose(result.model.unet.state_dict()[name], value, atol=1e-6), name

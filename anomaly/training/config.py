@@ -116,7 +116,9 @@ class DenoiserTrainConfig:
     in batches of ``full_batch_size``. ``blob_probability`` > 0 also paints synthetic lesion blobs
     (:mod:`anomaly.training.blobs`: ``blob_count`` per slice, ``blob_radius_px`` in model pixels) into that
     share of the slices before the noise, so the network learns to replace whole regions, not only noise,
-    from step ``blob_from_step`` on (validation always includes them when they are on)."""
+    from step ``blob_from_step`` on (validation always includes them when they are on). ``init_from`` starts
+from the restoration stage of a model folder of the same layout (its ``healer/``, or that folder itself):
+training on from shipped weights, since the checkpoints of the run that made them are not kept."""
 
     block_out_channels: tuple[int, ...] = (16, 32, 64, 128)
     layers_per_block: int = 1
@@ -139,6 +141,7 @@ class DenoiserTrainConfig:
     blob_count: tuple[int, int] = (1, 3)
     blob_radius_px: tuple[float, float] = (3.0, 20.0)
     blob_from_step: int = 0
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         low, high = (float(v) for v in self.noise_std)

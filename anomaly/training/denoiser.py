@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 
+from anomaly.configparse import ConfigError
 from anomaly.contrast import CONTRASTS
 from anomaly.models.denoiser import DenoiserConfig, ImageDenoiser, build_denoiser_unet
 from anomaly.training.augment import AugmentConfig, augment_batch, build_augmentation
@@ -68,6 +69,28 @@ def validation_mse(model: ImageDenoiser, val: SliceSet, config: DenoiserTrainCon
     return total / max(len(val), 1)
 
 
+def start_from(unet: torch.nn.Module, classes: tuple[str, ...], folder: str | os.PathLike[str]) -> None:
+    """Load the weights of a saved restoration stage (a model folder or its ``healer/``) into ``unet``;
+    refuses one of another layout or trained on other contrast classes, naming what differs."""
+    path = Path(folder)
+    if (path / "healer").is_dir():
+        path = path / "healer"
+    if not (path / "unet").is_dir():
+        raise ConfigError(f"denoiser.init_from {folder}: no restoration stage there (no unet/ folder in it or in "
+                          "its healer/); name a model folder of kind image-dae, e.g. anomaly/assets/models/default")
+    start = ImageDenoiser.from_pretrained(path)
+    if tuple(start.config.classes) != tuple(classes):
+        raise ConfigError(f"denoiser.init_from {folder} was trained on contrast classes {list(start.config.classes)}, "
+                          f"this recipe has {list(classes)}: train from scratch (no init_from) or give it the same "
+                          "contrasts")
+    try:
+        unet.load_state_dict(start.unet.float().state_dict())
+    except RuntimeError as error:
+        raise ConfigError(f"denoiser.init_from {folder} has another network layout than denoiser.block_out_channels "
+                          f"and layers_per_block of this recipe ({str(error).splitlines()[0]}): make them match "
+                          "its config or train from scratch") from None
+
+
 def crop_phase(config: DenoiserTrainConfig, step: int) -> bool:
     """Whether ``step`` trains on crops (cheaper) rather than whole slices (the GroupNorm statistics of scoring)."""
     return bool(config.crop_size) and (not config.crop_until_step or step < config.crop_until_step)
@@ -95,6 +118,9 @@ def train_denoiser(train: SliceSet, val: SliceSet | None, config: DenoiserTrainC
                                len(classes) + 1 if classes else 0)
     model = ImageDenoiser(unet, DenoiserConfig(classes=classes, noise_std=tuple(config.noise_std),  # type: ignore[arg-type]
                                                noise_grid=config.noise_grid))
+    if config.init_from and not (resume and (out_dir / CHECKPOINT).is_file()):
+        start_from(unet, classes, config.init_from)
+        log(f"denoiser initialised from {config.init_from}")
     ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=1e-4)
     loop = TrainingLoop(LoopSettings("denoiser", config.max_steps, "val_mse", config.max_minutes, config.val_every,

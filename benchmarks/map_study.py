@@ -174,6 +174,11 @@ def build_rules(t0s: tuple[int, ...], draws: int, rules_for: tuple[str, ...] = (
                         rules[f"zs_{variant[9:]}({tag})"] = lambda c, s=sign, v=variant: signed_z(c, s, v)
                         rules[f"zs_{variant[9:]}({tag})+4.0z(x)"] = lambda c, s=sign, v=variant: (
                             signed_z(c, s, v) + 4.0 * robust_z(c["x"], c["brain"]))
+                    if sign != "abs":  # asymmetric: the expected sign plus a share of the other one
+                        other = "neg" if sign == "pos" else "pos"
+                        for a in (0.25, 0.5):
+                            rules[f"zs({tag})+{a}zs({other})"] = lambda c, s=sign, o=other, a=a: (
+                                signed_z(c, s) + a * signed_z(c, o))
                     for w in (0.25, 0.5, 1.0, 2.0, 4.0):
                         rules[f"zs({tag})+{w}z(x)"] = lambda c, s=sign, w=w: signed_z(c, s) + w * robust_z(c["x"], c["brain"])
                 rules[f"{tag}+1.5x"] = lambda c, t0=t0, s=sign, n=n: residual(c, t0, s, n) + 1.5 * c["x"]
@@ -235,8 +240,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     model = load_model(args.model, precision=args.precision)
-    t0s = tuple(args.t0) if getattr(model.restoration, "space", "latent") == "latent" else (0,)
-    image = getattr(model.restoration, "space", "latent") == "image"
+    base = model_for(model, None)  # a model routed by contrast: its base decides the kind of restoration
+    t0s = tuple(args.t0) if getattr(base.restoration, "space", "latent") == "latent" else (0,)
+    image = getattr(base.restoration, "space", "latent") == "image"
     variants = [f"restored_it{k}" for k in range(2, args.iterations + 1)]
     variants += [f"restored_nd{args.noise_draws}"] if args.noise_draws else []
     rules = build_rules(t0s, args.draws, ("restored", *variants) if image else ())

@@ -63,3 +63,27 @@ def test_recipe_checks_blob_settings(tmp_path: Path) -> None:
         recipe.write_text(f"name: x\nstage: denoiser\ndenoiser:\n  {bad}\n")
         with pytest.raises(ConfigError, match=word):
             load_recipe(recipe)
+
+
+def test_foreign_blobs_move_normal_tissue_and_stay_in_its_range() -> None:
+    """``foreign_share``: blobs of tissue from elsewhere (anatomy out of place) change regions inside the
+    brain, reproducibly, without leaving the batch's own intensity range: what a level or a shift never shows."""
+    x, brain = _batch()
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    for b in range(len(x)):  # a pattern of its own per slice, so tissue from elsewhere differs
+        x[b, 0] = (0.5 + 0.2 * torch.sin(xx / (2.0 + b)) * torch.cos(yy / (3.0 + b))) * brain[b, 0]
+    settings = BlobSettings(probability=1.0, count=(2, 3), radius_px=(6.0, 10.0), foreign_share=1.0)
+    a = paint_blobs(x, brain, settings, torch.Generator().manual_seed(4))
+    assert torch.equal(a, paint_blobs(x, brain, settings, torch.Generator().manual_seed(4)))
+    changed = (a - x).abs() > 0.02
+    assert not changed[brain == 0].any() and int(changed.sum()) > 200
+    inside = brain > 0.5
+    low, high = float(x[inside].min()), float(x[inside].max())
+    assert low - 0.035 <= float(a[inside].min()) and float(a[inside].max()) <= high + 0.035  # grain at most
+    plain = paint_blobs(x, brain, replace(settings, foreign_share=0.0), torch.Generator().manual_seed(4))
+    assert torch.equal(plain, paint_blobs(x, brain, BlobSettings(1.0, (2, 3), (6.0, 10.0)),
+                                          torch.Generator().manual_seed(4)))  # off: the draws of before
+    recipe = DenoiserTrainConfig(blob_probability=0.5, blob_foreign_share=0.3)
+    assert recipe.blob_foreign_share == 0.3
+    with pytest.raises(ConfigError, match="blob_foreign_share"):
+        DenoiserTrainConfig(blob_foreign_share=1.2)

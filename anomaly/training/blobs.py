@@ -5,7 +5,11 @@ Coarse noise alone (the classic denoising objective) only ever shows the network
 a large lesion far outside that range passes through the restoration and vanishes from the residual.
 Each blob is an ellipse with a randomly roughened edge and a soft border, filled either with a level
 anywhere in the slice's intensity range (from black to brighter than any tissue) or with the tissue
-shifted by a random offset, inside the brain only. All randomness comes from one ``torch.Generator``.
+shifted by a random offset, inside the brain only; with ``foreign_share`` > 0 that share of the blobs is
+filled with *normal tissue from elsewhere* instead (another slice of the batch, moved and maybe mirrored,
+blended in at 50-100 %): anatomy in the wrong place, inside the normal intensity range, which a level or a
+shift never shows (the foreign-patch idea of self-supervised anomaly detection). All randomness comes
+from one ``torch.Generator``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class BlobSettings:
     probability: float = 0.5
     count: tuple[int, int] = (1, 3)
     radius_px: tuple[float, float] = (3.0, 14.0)
+    foreign_share: float = 0.0
 
 
 def _uniform(low: float, high: float, generator: torch.Generator) -> float:
@@ -51,6 +56,20 @@ def blob_weight(size: tuple[int, int], center: tuple[float, float], radius: tupl
     return edge.clamp(0, 1) ** 2 * (3 - 2 * edge.clamp(0, 1))  # smoothstep
 
 
+def foreign_tissue(x: torch.Tensor, mask: torch.Tensor,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normal tissue from elsewhere: a random slice of the batch, mirrored left-right half the time and
+    moved by up to a third of the slice each way, with where it is brain (``[H, W]`` each)."""
+    h, w = x.shape[-2], x.shape[-1]
+    j = int(torch.randint(0, x.shape[0], (), generator=generator))
+    source, brain = x[j, 0], mask[j, 0] > 0.5
+    if float(torch.rand((), generator=generator)) < 0.5:
+        source, brain = source.flip(-1), brain.flip(-1)
+    shift = (int(torch.randint(-h // 3, h // 3 + 1, (), generator=generator)),
+             int(torch.randint(-w // 3, w // 3 + 1, (), generator=generator)))
+    return source.roll(shift, dims=(0, 1)), brain.roll(shift, dims=(0, 1))
+
+
 def paint_blobs(x: torch.Tensor, mask: torch.Tensor, settings: BlobSettings,
                 generator: torch.Generator) -> torch.Tensor:
     """A copy of the ``[B, 1, H, W]`` batch (intensities in [0, 1]) with blobs painted into a random
@@ -71,6 +90,12 @@ def paint_blobs(x: torch.Tensor, mask: torch.Tensor, settings: BlobSettings,
             weight = blob_weight(size, (float(pick[0]), float(pick[1])), radius,
                                  _uniform(0.0, math.pi, generator), generator) * brain
             tissue = out[b, 0]
+            if settings.foreign_share and float(torch.rand((), generator=generator)) < settings.foreign_share:
+                fill, valid = foreign_tissue(x, mask, generator)
+                fill = torch.where(valid, fill, tissue)
+                blend = weight * _uniform(0.5, 1.0, generator)
+                out[b, 0] = tissue * (1 - blend) + fill * blend
+                continue
             if float(torch.rand((), generator=generator)) < 0.6:  # a level of its own, dark to very bright
                 fill = torch.full_like(tissue, _uniform(0.0, 1.0, generator))
             else:  # the tissue shifted up or down: its texture shows through

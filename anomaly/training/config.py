@@ -116,7 +116,8 @@ class DenoiserTrainConfig:
     in batches of ``full_batch_size``. ``blob_probability`` > 0 also paints synthetic lesion blobs
     (:mod:`anomaly.training.blobs`: ``blob_count`` per slice, ``blob_radius_px`` in model pixels) into that
     share of the slices before the noise, so the network learns to replace whole regions, not only noise,
-    from step ``blob_from_step`` on (validation always includes them when they are on). ``init_from`` starts
+    from step ``blob_from_step`` on (validation always includes them when they are on); ``blob_foreign_share``
+of the blobs carry normal tissue from elsewhere instead of a level (anatomy out of place). ``init_from`` starts
 from the restoration stage of a model folder of the same layout (its ``healer/``, or that folder itself):
 training on from shipped weights, since the checkpoints of the run that made them are not kept."""
 
@@ -141,6 +142,7 @@ training on from shipped weights, since the checkpoints of the run that made the
     blob_count: tuple[int, int] = (1, 3)
     blob_radius_px: tuple[float, float] = (3.0, 20.0)
     blob_from_step: int = 0
+    blob_foreign_share: float = 0.0
     init_from: str = ""
 
     def __post_init__(self) -> None:
@@ -151,6 +153,8 @@ training on from shipped weights, since the checkpoints of the run that made the
             raise ConfigError(f"denoiser.blob_probability must lie in [0, 1], not {self.blob_probability}")
         if not 1 <= int(self.blob_count[0]) <= int(self.blob_count[1]):
             raise ConfigError(f"denoiser.blob_count must be [low, high] with 1 <= low <= high, not {list(self.blob_count)}")
+        if not 0 <= self.blob_foreign_share <= 1:
+            raise ConfigError(f"denoiser.blob_foreign_share must lie in [0, 1], not {self.blob_foreign_share}")
         if self.blob_from_step < 0:
             raise ConfigError(f"denoiser.blob_from_step must be 0 or more, not {self.blob_from_step}")
         if not 0 < float(self.blob_radius_px[0]) <= float(self.blob_radius_px[1]):

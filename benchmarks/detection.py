@@ -181,6 +181,8 @@ def main() -> None:
                         help="registry names or folders; NAME+Wx sets the intensity term of NAME's map to W")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--erode-mm", type=float, default=None,
+                        help="brain-mask erosion of the map in mm (default: the scoring default)")
     parser.add_argument("--no-colin", action="store_true")
     parser.add_argument("--no-real", action="store_true", help="only Colin27 with synthetic lesions")
     parser.add_argument("--json", default=None, help="also write the figures as JSON here")
@@ -197,6 +199,8 @@ def main() -> None:
                                      if contrast_of(c.group).lower() in args.contrasts]
     cases += [] if args.no_colin or "t1" not in args.contrasts else colin_cases()
     settings = ScoringSettings(precision=args.precision)
+    if args.erode_mm is not None:
+        settings = replace(settings, postprocess=replace(settings.postprocess, erode_mm=args.erode_mm))
     print(f"# detection benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{args.precision}")

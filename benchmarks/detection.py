@@ -31,6 +31,7 @@ from anomaly.metrics import auprc, auroc, best_dice, scan_auroc
 from anomaly.models import AutoencoderSliceModel, load_model
 from anomaly.models.base import SliceModel
 from anomaly.models.folder import ModelLoadError
+from anomaly.models.routing import ContrastRoutedModel
 from anomaly.scoring import score_volume
 from anomaly.synth import IN_RANGE_KINDS, KINDS, add_lesions
 from anomaly.volume import Volume, load_mask, load_volume
@@ -91,15 +92,17 @@ def build_model(spec: str, precision: str) -> SliceModel:
     if "+" in spec and spec.endswith("x"):
         name, weight = spec.split("+", 1)
         model = load_model(name, precision=precision)
-        if not isinstance(model, AutoencoderSliceModel):
+        parts = [model.base, *model.routes.values()] if isinstance(model, ContrastRoutedModel) else [model]
+        if not all(isinstance(part, AutoencoderSliceModel) for part in parts):
             raise ModelLoadError(f"{name}: only autoencoder models carry an intensity term")
         w = float(weight[:-1])
-        config = model.map_config
-        model.map_config = replace(config, intensity_weight=w,
-                                   intensity_weight_by_contrast={k: w for k in config.intensity_weight_by_contrast},
-                                   # the learned map alone keeps its residual at full weight in every contrast
-                                   residual_weight_by_contrast={} if w == 0 else config.residual_weight_by_contrast,
-                                   residual_weight=1.0 if w == 0 else config.residual_weight)
+        for part in parts:  # a model routed by contrast: its base and every route
+            config = part.map_config
+            part.map_config = replace(
+                config, intensity_weight=w, intensity_weight_by_contrast={k: w for k in config.intensity_weight_by_contrast},
+                # the learned map alone keeps its residual at full weight in every contrast
+                residual_weight_by_contrast={} if w == 0 else config.residual_weight_by_contrast,
+                residual_weight=1.0 if w == 0 else config.residual_weight)
         model.name = spec
         return model
     return load_model(spec, precision=precision)

@@ -50,6 +50,12 @@ class NotRegularFileError(OSError):
 ANNEX_HINT = "its content is not here: fetch it with `datalad get` or `git annex get`"
 
 
+def says_what_to_do(problem: str) -> bool:
+    """Whether a :func:`path_problem` answer already carries its remedy (an unfetched annexed file), so
+    callers add their generic advice only to the others."""
+    return ANNEX_HINT in problem
+
+
 def file_kind(mode: int) -> str | None:
     """What a non-regular file is (``a FIFO (named pipe)``, ...), or None for a regular file."""
     if stat.S_ISREG(mode):

@@ -20,7 +20,14 @@ import numpy as np
 from nibabel.volumeutils import array_from_file
 
 from anomaly import gzipio
-from anomaly.fileio import ANNEX_HINT, IS_FOLDER, NotRegularFileError, atomic_path, open_regular, path_problem
+from anomaly.fileio import (
+    IS_FOLDER,
+    NotRegularFileError,
+    atomic_path,
+    open_regular,
+    path_problem,
+    says_what_to_do,
+)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _STREAM_ERRORS: tuple[type[BaseException], ...] = (EOFError, *gzipio.CORRUPT_ERRORS)
@@ -225,7 +232,7 @@ def _read_nifti(path: Path, max_bytes: int | None = None) -> tuple[np.ndarray, n
         raise VolumeError(path, "file not found", "check the path and the working folder")
     if problem == IS_FOLDER:
         raise VolumeError(path, "is a folder, not a NIfTI file", _HINT_NIFTI)
-    if problem is not None and ANNEX_HINT in problem:
+    if problem is not None and says_what_to_do(problem):
         raise VolumeError(path, problem)
     if problem is not None:
         raise VolumeError(path, problem, "give the path of a regular .nii/.nii.gz file: a FIFO, device or "

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from anomaly.calibration import Calibration
 from anomaly.config import ScoringSettings
-from anomaly.fileio import ANNEX_HINT, IS_FOLDER, atomic_path, path_problem
+from anomaly.fileio import IS_FOLDER, atomic_path, path_problem, says_what_to_do
 from anomaly.io.dicom import DicomSeries, find_series, is_zip_archive, looks_like_dicom
 from anomaly.models.base import SliceModel
 from anomaly.outputs import KINDS, output_path, outputs_present, stem_candidates
@@ -71,7 +71,7 @@ _HINT_PAIR = ("convert the pair to one .nii.gz file, e.g. nib.save(nib.load('sca
 
 def _unreadable(problem: str) -> str:
     """The reason a file is skipped, with what to do where the problem does not already say it."""
-    return problem if ANNEX_HINT in problem else f"{problem}; {_HINT_UNREADABLE}"
+    return problem if says_what_to_do(problem) else f"{problem}; {_HINT_UNREADABLE}"
 
 
 def find_inputs(inputs: Sequence[str | os.PathLike[str]]) -> Discovery:

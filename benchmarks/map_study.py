@@ -17,6 +17,7 @@ import os
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -186,14 +187,17 @@ def build_rules(t0s: tuple[int, ...], draws: int, rules_for: tuple[str, ...] = (
     return rules
 
 
-def evaluate(per_case: dict[str, list[tuple[np.ndarray, np.ndarray]]]) -> dict[str, float]:
+def evaluate(per_case: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Pooled AUPRC and best Dice over the cases, the per-scan AUPRC's mean and range, and each scan's
+    AUPRC in the set's order (``per_scan``), so two models can be compared patient by patient."""
     maps = [m for m, _ in per_case]
     truths = [t for _, t in per_case]
     v, y = np.concatenate(maps), np.concatenate(truths)
     scans = [auprc(m, t) for m, t in per_case if t.any()]
     return {"pooled_auprc": auprc(v, y), "pooled_dice": best_dice(v, y)[0],
             "scan_auprc_mean": float(np.mean(scans)), "scan_auprc_min": float(np.min(scans)),
-            "scan_auprc_max": float(np.max(scans)), "n": len(scans)}
+            "scan_auprc_max": float(np.max(scans)), "n": len(scans),
+            "per_scan": " ".join(f"{a:.3f}" for a in scans)}
 
 
 def leave_one_patient_out(results: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]],
@@ -270,11 +274,11 @@ def main() -> None:
         rows.append({"contrast": group, "rule": name, **evaluate(per_case)})
     for group in sorted({r["contrast"] for r in rows}):
         print(f"\n## {group}")
-        print("| rule | pooled AUPRC | pooled best Dice | per-scan AUPRC mean [min, max] | n |")
-        print("| --- | --- | --- | --- | --- |")
+        print("| rule | pooled AUPRC | pooled best Dice | per-scan AUPRC mean [min, max] | n | per scan |")
+        print("| --- | --- | --- | --- | --- | --- |")
         for r in sorted((r for r in rows if r["contrast"] == group), key=lambda r: -r["pooled_auprc"]):
             print(f"| {r['rule']} | {r['pooled_auprc']:.3f} | {r['pooled_dice']:.3f} | {r['scan_auprc_mean']:.3f} "
-                  f"[{r['scan_auprc_min']:.3f}, {r['scan_auprc_max']:.3f}] | {r['n']} |")
+                  f"[{r['scan_auprc_min']:.3f}, {r['scan_auprc_max']:.3f}] | {r['n']} | {r['per_scan']} |")
     leave_one_patient_out(results, patients, rows)
     if args.out:
         import csv

@@ -186,6 +186,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--erode-mm", type=float, default=None,
                         help="brain-mask erosion of the map in mm (default: the scoring default)")
+    parser.add_argument("--median-size", type=int, default=None,
+                        help="in-plane median filter of the map in pixels (default: each model's own)")
     parser.add_argument("--no-colin", action="store_true")
     parser.add_argument("--no-real", action="store_true", help="only Colin27 with synthetic lesions")
     parser.add_argument("--json", default=None, help="also write the figures as JSON here")
@@ -204,6 +206,8 @@ def main() -> None:
     settings = ScoringSettings(precision=args.precision)
     if args.erode_mm is not None:
         settings = replace(settings, postprocess=replace(settings.postprocess, erode_mm=args.erode_mm))
+    if args.median_size is not None:
+        settings = replace(settings, postprocess=replace(settings.postprocess, median_size=args.median_size))
     print(f"# detection benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{args.precision}")

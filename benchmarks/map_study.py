@@ -16,6 +16,7 @@ import hashlib
 import os
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +241,8 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=len(CHOICE_SET), help="only the first N patients of the set")
     parser.add_argument("--contrasts", nargs="+", default=["t1", "t2", "flair"], choices=("t1", "t2", "flair"),
                         help="only scans of these contrasts")
+    parser.add_argument("--median-sizes", type=int, nargs="+", default=None,
+                        help="each rule with each of these in-plane median sizes (pixels) instead of the model's own")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -264,9 +267,12 @@ def main() -> None:
             group = "T1" if contrast == "t1" else contrast.upper()
             route = model_for(model, contrast)
             for name, rule in rules.items():
-                grid, scored = postprocess(rule(comp).astype(np.float32), comp["brain"], post,
-                                            tuple(route.input_spec.spacing), route.median_size)
-                results[(group, name)].append((grid[scored], comp["truth"][scored]))
+                raw = rule(comp).astype(np.float32)
+                for size in args.median_sizes or [None]:  # None: the route's own median filter
+                    grid, scored = postprocess(raw, comp["brain"], replace(post, median_size=size),
+                                               tuple(route.input_spec.spacing), route.median_size)
+                    key = name if size is None else f"{name} median {size}"
+                    results[(group, key)].append((grid[scored], comp["truth"][scored]))
             patients[group].append(f"{dataset}/{case}")
             print(f"scored {dataset}/{case}/{contrast}", flush=True)
     rows = []

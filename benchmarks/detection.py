@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anomaly.config import ScoringSettings
+from anomaly.config import PostprocessConfig, ScoringSettings
 from anomaly.metrics import auprc, auroc, best_dice, scan_auroc
 from anomaly.models import AutoencoderSliceModel, load_model
 from anomaly.models.base import SliceModel
@@ -203,11 +203,10 @@ def main() -> None:
     cases = [] if args.no_real else [c for c in real_cases(Path(args.data))
                                      if contrast_of(c.group).lower() in args.contrasts]
     cases += [] if args.no_colin or "t1" not in args.contrasts else colin_cases()
-    settings = ScoringSettings(precision=args.precision)
+    post = PostprocessConfig(median_size=args.median_size)
     if args.erode_mm is not None:
-        settings = replace(settings, postprocess=replace(settings.postprocess, erode_mm=args.erode_mm))
-    if args.median_size is not None:
-        settings = replace(settings, postprocess=replace(settings.postprocess, median_size=args.median_size))
+        post = replace(post, erode_mm=args.erode_mm)
+    settings = ScoringSettings(precision=args.precision, postprocess=post)
     print(f"# detection benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{args.precision}")

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from map_study import CHOICE_SET, DATA
+from map_study import CHOICE_SET, DATA, evaluate
 
 from anomaly.config import PreprocessConfig, ScoringSettings
-from anomaly.metrics import auprc, best_dice
 from anomaly.models import load_model
 from anomaly.models.base import SliceModel
 from anomaly.models.routing import model_for
@@ -66,11 +65,9 @@ def main() -> None:
         print(f"\n## {contrast}\n| map | pooled AUPRC | pooled best Dice | per-scan AUPRC mean [min, max] | per scan |")
         print("| --- | --- | --- | --- | --- |")
         for name in (*args.members, "mean", "max"):
-            pairs = voxels[(contrast, name)]
-            v, y = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
-            per = [auprc(p[0], p[1]) for p in pairs if p[1].any()]
-            print(f"| {name} | {auprc(v, y):.3f} | {best_dice(v, y)[0]:.3f} | {np.mean(per):.3f} "
-                  f"[{np.min(per):.3f}, {np.max(per):.3f}] | {' '.join(f'{x:.3f}' for x in per)} |", flush=True)
+            r = evaluate(voxels[(contrast, name)])
+            print(f"| {name} | {r['pooled_auprc']:.3f} | {r['pooled_dice']:.3f} | {r['scan_auprc_mean']:.3f} "
+                  f"[{r['scan_auprc_min']:.3f}, {r['scan_auprc_max']:.3f}] | {r['per_scan']} |", flush=True)
 
 
 if __name__ == "__main__":

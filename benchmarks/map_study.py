@@ -16,7 +16,6 @@ import hashlib
 import os
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -255,7 +254,8 @@ def main() -> None:
     rules = build_rules(t0s, args.draws, ("restored", *variants) if image else ())
     if args.rules:
         rules = {k: v for k, v in rules.items() if k in set(args.rules)}
-    post = PostprocessConfig()
+    # None: each route's own median filter
+    posts = {size: PostprocessConfig(median_size=size) for size in args.median_sizes or [None]}
     results: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
     patients: dict[str, list[str]] = defaultdict(list)
     for dataset, case, contrasts, label in CHOICE_SET[:args.patients]:
@@ -268,9 +268,9 @@ def main() -> None:
             route = model_for(model, contrast)
             for name, rule in rules.items():
                 raw = rule(comp).astype(np.float32)
-                for size in args.median_sizes or [None]:  # None: the route's own median filter
-                    grid, scored = postprocess(raw, comp["brain"], replace(post, median_size=size),
-                                               tuple(route.input_spec.spacing), route.median_size)
+                for size, post in posts.items():
+                    grid, scored = postprocess(raw, comp["brain"], post, tuple(route.input_spec.spacing),
+                                               route.median_size)
                     key = name if size is None else f"{name} median {size}"
                     results[(group, key)].append((grid[scored], comp["truth"][scored]))
             patients[group].append(f"{dataset}/{case}")

@@ -12,6 +12,7 @@ from typing import Any
 
 from anomaly.configparse import ConfigError, build, load_yaml
 from anomaly.contrast import check_contrast_setting
+from anomaly.median import median_sizes
 
 from_dict = build
 """The strict builder of :mod:`anomaly.configparse` under its earlier name."""
@@ -56,10 +57,19 @@ class PreprocessConfig:
 @dataclass(frozen=True)
 class PostprocessConfig:
     """Map clean-up on the model grid: in-plane median filter (pixels; None = the model's own, sized for its
-    grid) and brain-mask erosion (mm)."""
+    grid; a list of sizes gives the mean of those medians, 1 = the map itself) and brain-mask erosion (mm)."""
 
-    median_size: int | None = None
+    median_size: int | tuple[int, ...] | None = None
     erode_mm: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.median_size is not None:
+            try:
+                sizes = median_sizes(self.median_size)
+            except ValueError:
+                raise ConfigError(f"postprocess.median_size must be an odd number of pixels or a list of them "
+                                  f"(1 = off), not {self.median_size!r}") from None
+            object.__setattr__(self, "median_size", sizes[0] if isinstance(self.median_size, int) else sizes)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from anomaly.config import PostprocessConfig, ScoreConfig, ScoringSettings
 from anomaly.contrast import resolve_contrast
-from anomaly.median import median_in_plane
+from anomaly.median import median_sizes, multiscale_median
 from anomaly.models.base import SliceModel
 from anomaly.models.routing import model_for
 from anomaly.preprocess import PreparedVolume, prepare_scan, to_native
@@ -95,16 +95,17 @@ def erode_mask(mask: np.ndarray, erode_mm: float, spacing: tuple[float, float, f
 
 def postprocess(anomaly: np.ndarray, mask: np.ndarray, config: PostprocessConfig,
                 spacing: tuple[float, float, float],
-                model_median: int = SliceModel.median_size) -> tuple[np.ndarray, np.ndarray]:
-    """In-plane median filter (the config's size, else ``model_median``: the model's own) and brain-mask
-    erosion; returns the cleaned map and the scored mask."""
+                model_median: int | tuple[int, ...] = SliceModel.median_size) -> tuple[np.ndarray, np.ndarray]:
+    """In-plane median filter (the config's size or sizes, else ``model_median``: the model's own; several
+    sizes give the mean of their medians, :func:`anomaly.median.multiscale_median`) and brain-mask erosion;
+    returns the cleaned map and the scored mask."""
     scored = erode_mask(mask, config.erode_mm, spacing)
     out = anomaly
-    size = int(config.median_size if config.median_size is not None else model_median)
-    if size > 1 and scored.any():
+    sizes = median_sizes(config.median_size if config.median_size is not None else model_median)
+    if sizes != (1,) and scored.any():
         box = ndimage.find_objects(mask.astype(np.uint8))[0]
         out = np.zeros_like(anomaly)
-        out[box] = median_in_plane(anomaly[box], size, where=scored[box])
+        out[box] = multiscale_median(anomaly[box], sizes, where=scored[box])
     return np.where(scored, out, 0).astype(np.float32), scored
 
 

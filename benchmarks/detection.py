@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from anomaly.config import PostprocessConfig, ScoringSettings
+from anomaly.median import parse_median_sizes
 from anomaly.metrics import auprc, auroc, best_dice, scan_auroc
 from anomaly.models import AutoencoderSliceModel, load_model
 from anomaly.models.base import SliceModel
@@ -186,8 +187,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--erode-mm", type=float, default=None,
                         help="brain-mask erosion of the map in mm (default: the scoring default)")
-    parser.add_argument("--median-size", type=int, default=None,
-                        help="in-plane median filter of the map in pixels (default: each model's own)")
+    parser.add_argument("--median-size", type=parse_median_sizes, default=None,
+                        help="in-plane median filter of the map in pixels, or several sizes whose medians are "
+                             "averaged (1,7,13) (default: each model's own)")
     parser.add_argument("--no-colin", action="store_true")
     parser.add_argument("--no-real", action="store_true", help="only Colin27 with synthetic lesions")
     parser.add_argument("--json", default=None, help="also write the figures as JSON here")

@@ -37,12 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from detection import Case, contrast_of, evaluate  # noqa: E402
 
 from anomaly.config import ScoringSettings  # noqa: E402
+from anomaly.median import median_sizes  # noqa: E402
 from anomaly.models import save_model_folder  # noqa: E402
 from anomaly.training.config import load_recipe  # noqa: E402
 from anomaly.training.data import SliceSet, matches_exclusion  # noqa: E402
 from anomaly.training.denoiser import train_denoiser  # noqa: E402
 from anomaly.volume import load_mask, load_volume  # noqa: E402
-from pipelines.train import gather_slices, input_spec, median_size  # noqa: E402
+from pipelines.train import gather_slices, input_spec, median_size, nearest_odd  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LABELS = {"ms-open": "lesion_mask", "brats2013": "tumor_labels", "brats2018": "tumor_labels"}
@@ -103,8 +104,10 @@ def at_resolution(recipe, settings: ScoringSettings, grid: str):  # noqa: ANN001
     denoiser = replace(recipe.denoiser, crop_size=int(round(recipe.denoiser.crop_size * ratio / 8)) * 8,
                        blob_radius_px=(float(low) * ratio, float(high) * ratio))
     if settings.postprocess.median_size is not None:  # else each fold's model folder carries its own
-        median = int(settings.postprocess.median_size * ratio) // 2 * 2 + 1  # the odd size at or just below
-        settings = replace(settings, postprocess=replace(settings.postprocess, median_size=median))
+        sizes = median_sizes(settings.postprocess.median_size)
+        median = tuple(dict.fromkeys(nearest_odd(size * ratio) for size in sizes))  # the nearest odd sizes
+        settings = replace(settings, postprocess=replace(
+            settings.postprocess, median_size=median[0] if isinstance(settings.postprocess.median_size, int) else median))
     return replace(recipe, data=data, denoiser=denoiser), settings
 
 

@@ -25,6 +25,7 @@ import torch
 from anomaly.config import PostprocessConfig, PreprocessConfig
 from anomaly.contrast import guess_contrast
 from anomaly.mapnorm import robust_z
+from anomaly.median import parse_median_sizes
 from anomaly.metrics import auprc, best_dice
 from anomaly.models import load_model
 from anomaly.models.routing import model_for
@@ -115,7 +116,10 @@ def components(model, path: Path, label: Path, t0s: tuple[int, ...], draws: int,
 def cached_components(model, model_dir: str, cache: Path, path: Path, label: Path, t0s: tuple[int, ...],  # noqa: ANN001
                       draws: int, iterations: int = 1, noise_draws: int = 0) -> dict[str, np.ndarray]:
     extra = f"|it{iterations}|nd{noise_draws}" if iterations > 1 or noise_draws else ""
-    key = hashlib.sha256(f"{Path(model_dir).resolve()}|{path}|{t0s}|{draws}{extra}".encode()).hexdigest()[:16]
+    # the weights' hash and precision are part of the key: a model folder retrained in place, or scored in
+    # another precision, never reuses stale components
+    weights = f"{getattr(model, 'weights_hash', '')}|{getattr(model_for(model, None), 'precision', '')}"
+    key = hashlib.sha256(f"{Path(model_dir).resolve()}|{weights}|{path}|{t0s}|{draws}{extra}".encode()).hexdigest()[:16]
     file = cache / f"{key}.npz"
     if file.is_file():
         return dict(np.load(file))
@@ -240,8 +244,9 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=len(CHOICE_SET), help="only the first N patients of the set")
     parser.add_argument("--contrasts", nargs="+", default=["t1", "t2", "flair"], choices=("t1", "t2", "flair"),
                         help="only scans of these contrasts")
-    parser.add_argument("--median-sizes", type=int, nargs="+", default=None,
-                        help="each rule with each of these in-plane median sizes (pixels) instead of the model's own")
+    parser.add_argument("--median-sizes", type=parse_median_sizes, nargs="+", default=None,
+                        help="each rule with each of these in-plane median sizes (pixels; 1,7,13: the mean of "
+                             "those medians) instead of the model's own")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -271,7 +276,8 @@ def main() -> None:
                 for size, post in posts.items():
                     grid, scored = postprocess(raw, comp["brain"], post, tuple(route.input_spec.spacing),
                                                route.median_size)
-                    key = name if size is None else f"{name} median {size}"
+                    shown = size if not isinstance(size, tuple) else ",".join(map(str, size))
+                    key = name if size is None else f"{name} median {shown}"
                     results[(group, key)].append((grid[scored], comp["truth"][scored]))
             patients[group].append(f"{dataset}/{case}")
             print(f"scored {dataset}/{case}/{contrast}", flush=True)

@@ -25,7 +25,7 @@ import torch
 from monai.transforms import FillHoles
 from scipy import ndimage
 
-from anomaly import gzipio, preprocess, scoring
+from anomaly import gzipio, median, preprocess
 from anomaly.config import ScoringSettings, native_bf16
 from anomaly.models import load_model
 from anomaly.models.denoiser import ImageDenoiser
@@ -74,13 +74,13 @@ def plain_calls() -> Iterator[None]:
     def scipy_median(values: np.ndarray, size: int, where: np.ndarray | None = None) -> np.ndarray:
         return ndimage.median_filter(values, size=(size, size, 1))
 
-    saved = preprocess.lattice_map, preprocess.fill_holes, scoring.median_in_plane
-    preprocess.lattice_map, preprocess.fill_holes, scoring.median_in_plane = (
+    saved = preprocess.lattice_map, preprocess.fill_holes, median.median_in_plane
+    preprocess.lattice_map, preprocess.fill_holes, median.median_in_plane = (
         lambda *a, **k: None, monai_fill, scipy_median)
     try:
         yield
     finally:
-        preprocess.lattice_map, preprocess.fill_holes, scoring.median_in_plane = saved
+        preprocess.lattice_map, preprocess.fill_holes, median.median_in_plane = saved
 
 
 def main() -> None:

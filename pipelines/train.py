@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import TypeVar
@@ -27,14 +28,19 @@ def input_spec(recipe: TrainRecipe) -> InputSpec:
     return InputSpec(slice_size=recipe.data.slice_size, spacing=tuple(recipe.data.spacing))  # type: ignore[arg-type]
 
 
-MEDIAN_MM = 7.5
-"""Width of the map's in-plane median filter in mm: the 5 pixels the 1.5 mm maps were chosen with."""
+MEDIAN_SCALES_MM = (0.0, 10.5, 19.5)
+"""Window widths (mm) of the map's multi-scale median filter, whose medians are averaged (0: the map itself):
+1, 7 and 13 pixels at 1.5 mm, 1, 11 and 19 at 1 mm (chosen on the choice set, see the model card)."""
 
 
-def median_size(spec: InputSpec) -> int:
-    """The odd median-filter size, in pixels of ``spec``'s grid, at or just below :data:`MEDIAN_MM`."""
-    pixels = int(MEDIAN_MM / float(spec.spacing[0]) + 1e-6)
-    return max(1, pixels if pixels % 2 else pixels - 1)
+def nearest_odd(pixels: float) -> int:
+    """The odd whole number nearest to ``pixels`` (at least 1)."""
+    return max(1, 2 * math.floor((pixels - 1) / 2 + 0.5) + 1)
+
+
+def median_size(spec: InputSpec) -> tuple[int, ...]:
+    """The multi-scale median's window sizes in pixels of ``spec``'s grid: :data:`MEDIAN_SCALES_MM`."""
+    return tuple(dict.fromkeys(nearest_odd(mm / float(spec.spacing[0])) for mm in MEDIAN_SCALES_MM))
 
 
 def gather_slices(recipe: TrainRecipe, work: Path, progress: bool = True) -> tuple[SliceSet, SliceSet | None]:

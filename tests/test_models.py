@@ -227,12 +227,13 @@ def test_shipped_default_model_loads_with_its_restoration() -> None:
     assert isinstance(routed, ContrastRoutedModel) and set(routed.routes) == {"t2"}  # T2 scans: the 1 mm route
     t2 = model_for(routed, "t2")
     assert isinstance(t2, AutoencoderSliceModel) and isinstance(t2.restoration, ImageDenoiser)
-    assert t2.input_spec.slice_size == 192 and t2.input_spec.spacing == (1.0, 1.0, 1.0) and t2.median_size == 7
+    assert t2.input_spec.slice_size == 192 and t2.input_spec.spacing == (1.0, 1.0, 1.0) and t2.median_size == (1, 11, 19)
     assert t2.map_config.sign_for("t2") == "positive"
     model = model_for(routed, "t1")
     assert model is model_for(routed, None) is model_for(routed, "flair") is routed.base
     assert isinstance(model, AutoencoderSliceModel) and isinstance(model.restoration, ImageDenoiser)
     assert model.restoration.config.classes == ("t1", "t2", "flair") and model.input_spec.slice_size == 128
+    assert model.median_size == (1, 7, 13)  # the multi-scale median, the same millimetres as the T2 route's
     cfg = model.map_config
     assert cfg.normalise == "robust-signed" and cfg.reference == "input"
     assert (cfg.sign_for("t1"), cfg.sign_for("t2"), cfg.sign_for(None)) == ("negative", "positive", "abs")

@@ -39,8 +39,9 @@ class SliceModel(ABC):
 
     name: str = "model"
     input_spec: InputSpec = InputSpec()
-    median_size: int = 5
-    """In-plane median filter (pixels of its grid) its maps were chosen with; the settings' own wins when set."""
+    median_size: int | tuple[int, ...] = 5
+    """In-plane median filter (pixels of its grid; several sizes: the mean of their medians) its maps were
+    chosen with; the settings' own wins when set."""
 
     @abstractmethod
     def score_slices(self, x: torch.Tensor, generator: torch.Generator | None = None,

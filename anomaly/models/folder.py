@@ -17,6 +17,7 @@ from diffusers import AutoencoderKL
 from anomaly.configparse import build, load_json
 from anomaly.contrast import CONTRASTS
 from anomaly.jsonio import write_json
+from anomaly.median import median_sizes
 from anomaly.models.autoencoder import AutoencoderSliceModel, MapConfig
 from anomaly.models.base import SliceModel
 from anomaly.models.denoiser import ImageDenoiser
@@ -97,6 +98,19 @@ def load_model_folder(folder: str | os.PathLike[str], *, name: str | None = None
     return ContrastRoutedModel(model, loaded, weights_hash=model.weights_hash)
 
 
+def _median_setting(meta: dict[str, Any], meta_path: Path) -> int | tuple[int, ...] | None:
+    """The folder's ``postprocess.median_size`` (one odd size or a list), checked before any weight is read."""
+    median = (meta.get("postprocess") or {}).get("median_size")
+    if median is None:
+        return None
+    try:
+        sizes = median_sizes(median)
+    except (ValueError, TypeError):
+        raise ModelLoadError(f"{meta_path}: postprocess.median_size must be an odd number of pixels or a list "
+                             f"of them (1 = off), not {median!r}; fix the file or reinstall the model") from None
+    return sizes[0] if isinstance(median, int) else sizes
+
+
 def _load_one(folder: str | os.PathLike[str], *, name: str | None = None, precision: str = "fp32",
               force_fp32: bool | None = None, input_spec: InputSpec | None = None,
               **restoration_overrides: Any) -> AutoencoderSliceModel:
@@ -109,6 +123,7 @@ def _load_one(folder: str | os.PathLike[str], *, name: str | None = None, precis
     meta = config or {}
     meta_path = folder / MODEL_CONFIG
     map_config = build(MapConfig, meta.get("map"), "map.", source=meta_path)
+    median = _median_setting(meta, meta_path)
     if not (vae_dir / "config.json").is_file():
         raise ModelLoadError(f"{vae_dir}: no config.json; a model folder needs config.json and "
                              "diffusion_pytorch_model.safetensors as written by AutoencoderKL.save_pretrained")
@@ -126,11 +141,7 @@ def _load_one(folder: str | os.PathLike[str], *, name: str | None = None, precis
         restoration=restoration, map_config=map_config, precision=precision,
         force_fp32=bool(meta.get("force_fp32", False) if force_fp32 is None else force_fp32),
     )
-    median = (meta.get("postprocess") or {}).get("median_size")
     if median is not None:
-        if not isinstance(median, int) or median < 1 or median % 2 == 0:
-            raise ModelLoadError(f"{meta_path}: postprocess.median_size must be an odd number of pixels (1 = off), "
-                                 f"not {median!r}; fix the file or reinstall the model")
         model.median_size = median
     return model
 
@@ -138,9 +149,10 @@ def _load_one(folder: str | os.PathLike[str], *, name: str | None = None, precis
 def save_model_folder(folder: str | os.PathLike[str], vae: AutoencoderKL, *, name: str, input_spec: InputSpec,
                       restoration: LatentDiffusionHealer | ImageDenoiser | None = None,
                       map_config: MapConfig | None = None, force_fp32: bool = False, extra: dict[str, Any] | None = None,
-                      median_size: int | None = None) -> Path:
+                      median_size: int | tuple[int, ...] | None = None) -> Path:
     """Write a model folder: ``vae/`` via ``save_pretrained``, ``healer/`` when present, and the meta file
-    (``median_size``: the map's median filter in pixels of ``input_spec``'s grid, when not the default 5)."""
+    (``median_size``: the map's median filter in pixels of ``input_spec``'s grid, or several sizes whose
+    medians are averaged, when not the default 5)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
@@ -150,7 +162,8 @@ def save_model_folder(folder: str | os.PathLike[str], vae: AutoencoderKL, *, nam
         **(extra or {}),
     }
     if median_size is not None:
-        meta["postprocess"] = {"median_size": int(median_size)}
+        sizes = median_sizes(median_size)
+        meta["postprocess"] = {"median_size": sizes[0] if isinstance(median_size, int) else list(sizes)}
     if restoration is not None:
         restoration.save_pretrained(folder / "healer")
         meta["restoration"] = "healer"

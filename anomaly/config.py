@@ -57,10 +57,12 @@ class PreprocessConfig:
 @dataclass(frozen=True)
 class PostprocessConfig:
     """Map clean-up on the model grid: in-plane median filter (pixels; None = the model's own, sized for its
-    grid; a list of sizes gives the mean of those medians, 1 = the map itself) and brain-mask erosion (mm)."""
+    grid; a list of sizes gives the mean of those medians, 1 = the map itself), Gaussian smoothing across
+    slices (sigma in mm; None = the model's own, 0 = off) and brain-mask erosion (mm)."""
 
     median_size: int | tuple[int, ...] | None = None
     erode_mm: float = 2.0
+    through_plane_mm: float | None = None
 
     def __post_init__(self) -> None:
         if self.median_size is not None:
@@ -70,6 +72,9 @@ class PostprocessConfig:
                 raise ConfigError(f"postprocess.median_size must be an odd number of pixels or a list of them "
                                   f"(1 = off), not {self.median_size!r}") from None
             object.__setattr__(self, "median_size", sizes[0] if isinstance(self.median_size, int) else sizes)
+        if self.through_plane_mm is not None and not 0 <= float(self.through_plane_mm) <= 20:
+            raise ConfigError(f"postprocess.through_plane_mm must lie in [0, 20] mm (0 = off), "
+                              f"not {self.through_plane_mm!r}")
 
 
 @dataclass(frozen=True)

@@ -95,9 +95,11 @@ def erode_mask(mask: np.ndarray, erode_mm: float, spacing: tuple[float, float, f
 
 def postprocess(anomaly: np.ndarray, mask: np.ndarray, config: PostprocessConfig,
                 spacing: tuple[float, float, float],
-                model_median: int | tuple[int, ...] = SliceModel.median_size) -> tuple[np.ndarray, np.ndarray]:
+                model_median: int | tuple[int, ...] = SliceModel.median_size,
+                model_through_plane_mm: float = SliceModel.through_plane_mm) -> tuple[np.ndarray, np.ndarray]:
     """In-plane median filter (the config's size or sizes, else ``model_median``: the model's own; several
-    sizes give the mean of their medians, :func:`anomaly.median.multiscale_median`) and brain-mask erosion;
+    sizes give the mean of their medians, :func:`anomaly.median.multiscale_median`), Gaussian smoothing
+    across slices (the config's sigma, else the model's; axis 2 is the slice axis) and brain-mask erosion;
     returns the cleaned map and the scored mask."""
     scored = erode_mask(mask, config.erode_mm, spacing)
     out = anomaly
@@ -106,6 +108,14 @@ def postprocess(anomaly: np.ndarray, mask: np.ndarray, config: PostprocessConfig
         box = ndimage.find_objects(mask.astype(np.uint8))[0]
         out = np.zeros_like(anomaly)
         out[box] = multiscale_median(anomaly[box], sizes, where=scored[box])
+    sigma_mm = config.through_plane_mm if config.through_plane_mm is not None else model_through_plane_mm
+    if sigma_mm > 0 and scored.any():
+        # the slices are restored one by one, so their noise is independent from slice to slice while a
+        # lesion spans several: averaging neighbouring slices lowers the noise and keeps the lesion
+        box = ndimage.find_objects(scored.astype(np.uint8))[0]
+        inside = np.where(scored[box], out[box], 0).astype(np.float32)
+        out = np.zeros_like(anomaly) if out is anomaly else out
+        out[box] = ndimage.gaussian_filter1d(inside, sigma_mm / float(spacing[2]), axis=2, mode="constant")
     return np.where(scored, out, 0).astype(np.float32), scored
 
 
@@ -129,7 +139,8 @@ def score_prepared(prepared: PreparedVolume, model: SliceModel, settings: Scorin
     t0 = time.perf_counter()
     grid, recon = infer_grid_maps(prepared, model, batch_size=settings.batch_size, seed=settings.seed)
     t1 = time.perf_counter()
-    grid, scored = postprocess(grid, prepared.mask, settings.postprocess, prepared.spacing, model.median_size)
+    grid, scored = postprocess(grid, prepared.mask, settings.postprocess, prepared.spacing, model.median_size,
+                               model.through_plane_mm)
     score = scan_score(grid, scored, settings.score)
     native = np.clip(to_native(grid, prepared), 0, None)
     native_mask = to_native(scored.astype(np.float32), prepared, mode="nearest") > 0.5

@@ -43,7 +43,7 @@ from anomaly.training.config import load_recipe  # noqa: E402
 from anomaly.training.data import SliceSet, matches_exclusion  # noqa: E402
 from anomaly.training.denoiser import train_denoiser  # noqa: E402
 from anomaly.volume import load_mask, load_volume  # noqa: E402
-from pipelines.train import gather_slices, input_spec, median_size, nearest_odd  # noqa: E402
+from pipelines.train import THROUGH_PLANE_MM, gather_slices, input_spec, median_size, nearest_odd  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LABELS = {"ms-open": "lesion_mask", "brats2013": "tumor_labels", "brats2018": "tumor_labels"}
@@ -127,7 +127,7 @@ def train_fold(recipe, slices: SliceSet, patients: list[str], steps: int, out: P
     save_model_folder(folder, vae.half(), name=f"fold-{out.name}", input_spec=input_spec(recipe),
                       restoration=result.model.half(), map_config=recipe.map,
                       extra={"left_out_patients": patients, "steps": result.step},
-                      median_size=median_size(input_spec(recipe)))
+                      median_size=median_size(input_spec(recipe)), through_plane_mm=THROUGH_PLANE_MM)
     return folder
 
 

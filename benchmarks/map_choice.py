@@ -131,7 +131,7 @@ def main() -> None:
                 if t0 != args.t0[0] and "healed" not in name:
                     continue
                 cleaned, scored = postprocess(rule(c), prepared.mask, PostprocessConfig(), prepared.spacing,
-                                             model.median_size)
+                                             model.median_size, model.through_plane_mm)
                 keep = scored if grid_ignore is None else scored & ~grid_ignore
                 key = name if "healed" not in name else f"{name} t0={t0}"
                 pooled[(group, key)][0].append(cleaned[keep])

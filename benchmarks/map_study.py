@@ -247,6 +247,9 @@ def main() -> None:
     parser.add_argument("--median-sizes", type=parse_median_sizes, nargs="+", default=None,
                         help="each rule with each of these in-plane median sizes (pixels; 1,7,13: the mean of "
                              "those medians) instead of the model's own")
+    parser.add_argument("--through-plane-mm", type=float, nargs="+", default=None,
+                        help="each rule with each of these Gaussian sigmas across slices (mm; 0 = off) "
+                             "instead of the model's own")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -260,7 +263,8 @@ def main() -> None:
     if args.rules:
         rules = {k: v for k, v in rules.items() if k in set(args.rules)}
     # None: each route's own median filter
-    posts = {size: PostprocessConfig(median_size=size) for size in args.median_sizes or [None]}
+    posts = {(size, sigma): PostprocessConfig(median_size=size, through_plane_mm=sigma)
+             for size in args.median_sizes or [None] for sigma in args.through_plane_mm or [None]}
     results: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
     patients: dict[str, list[str]] = defaultdict(list)
     for dataset, case, contrasts, label in CHOICE_SET[:args.patients]:
@@ -275,9 +279,11 @@ def main() -> None:
                 raw = rule(comp).astype(np.float32)
                 for size, post in posts.items():
                     grid, scored = postprocess(raw, comp["brain"], post, tuple(route.input_spec.spacing),
-                                               route.median_size)
-                    shown = size if not isinstance(size, tuple) else ",".join(map(str, size))
-                    key = name if size is None else f"{name} median {shown}"
+                                               route.median_size, route.through_plane_mm)
+                    median, sigma = size
+                    shown = median if not isinstance(median, tuple) else ",".join(map(str, median))
+                    key = name + ("" if median is None else f" median {shown}") + (
+                        "" if sigma is None else f" z{sigma:g}mm")
                     results[(group, key)].append((grid[scored], comp["truth"][scored]))
             patients[group].append(f"{dataset}/{case}")
             print(f"scored {dataset}/{case}/{contrast}", flush=True)

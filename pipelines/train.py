@@ -33,6 +33,10 @@ MEDIAN_SCALES_MM = (0.0, 10.5, 19.5)
 1, 7 and 13 pixels at 1.5 mm, 1, 11 and 19 at 1 mm (chosen on the choice set, see the model card)."""
 
 
+THROUGH_PLANE_MM = 1.5
+"""Sigma (mm) of the map's Gaussian smoothing across slices: one slice of the 1.5 mm grid (model card)."""
+
+
 def nearest_odd(pixels: float) -> int:
     """The odd whole number nearest to ``pixels`` (at least 1)."""
     return max(1, 2 * math.floor((pixels - 1) / 2 + 0.5) + 1)
@@ -89,7 +93,8 @@ def run_recipe(recipe: TrainRecipe, *, out: str | None = None, resume: bool = Tr
                            resume=resume, progress=progress, log=log)
         extra["vae_training"] = {"steps": result.step, "best_val_l1": result.best_val, "stopped": result.stopped}
         save_model_folder(folder, _for_saving(result.model, recipe.save_fp16), name=recipe.name, input_spec=spec,
-                          map_config=map_config, extra=_json_safe(extra), median_size=median_size(spec))
+                          map_config=map_config, extra=_json_safe(extra), median_size=median_size(spec),
+                          through_plane_mm=THROUGH_PLANE_MM)
         vae = result.model
     else:
         vae_dir = Path(recipe.vae_from) if recipe.vae_from else folder / "vae"
@@ -110,7 +115,8 @@ def run_recipe(recipe: TrainRecipe, *, out: str | None = None, resume: bool = Tr
         extra = {**prior, **extra, f"{'denoiser' if recipe.stage == 'denoiser' else 'healer'}_training": trained}
         save_model_folder(folder, _for_saving(vae, recipe.save_fp16), name=recipe.name, input_spec=spec,
                           restoration=_for_saving(result.model, recipe.save_fp16), map_config=map_config,
-                          extra=_json_safe(extra), median_size=median_size(spec))
+                          extra=_json_safe(extra), median_size=median_size(spec),
+                          through_plane_mm=THROUGH_PLANE_MM)
     log(f"model folder written: {folder}")
     return folder
 

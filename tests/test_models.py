@@ -233,7 +233,7 @@ def test_shipped_default_model_loads_with_its_restoration() -> None:
     assert model is model_for(routed, None) is model_for(routed, "flair") is routed.base
     assert isinstance(model, AutoencoderSliceModel) and isinstance(model.restoration, ImageDenoiser)
     assert model.restoration.config.classes == ("t1", "t2", "flair") and model.input_spec.slice_size == 128
-    assert model.median_size == (1, 7, 13)  # the multi-scale median, the same millimetres as the T2 route's
+    assert model.median_size == (1, 7, 13) and model.through_plane_mm == t2.through_plane_mm == 1.5  # the multi-scale median, the same millimetres as the T2 route's
     cfg = model.map_config
     assert cfg.normalise == "robust-signed" and cfg.reference == "input"
     assert (cfg.sign_for("t1"), cfg.sign_for("t2"), cfg.sign_for(None)) == ("negative", "positive", "abs")

@@ -42,6 +42,8 @@ class SliceModel(ABC):
     median_size: int | tuple[int, ...] = 5
     """In-plane median filter (pixels of its grid; several sizes: the mean of their medians) its maps were
     chosen with; the settings' own wins when set."""
+    through_plane_mm: float = 0.0
+    """Gaussian smoothing of its maps across slices (sigma, mm; 0 = off); the settings' own wins when set."""
 
     @abstractmethod
     def score_slices(self, x: torch.Tensor, generator: torch.Generator | None = None,

@@ -98,17 +98,29 @@ def load_model_folder(folder: str | os.PathLike[str], *, name: str | None = None
     return ContrastRoutedModel(model, loaded, weights_hash=model.weights_hash)
 
 
-def _median_setting(meta: dict[str, Any], meta_path: Path) -> int | tuple[int, ...] | None:
-    """The folder's ``postprocess.median_size`` (one odd size or a list), checked before any weight is read."""
-    median = (meta.get("postprocess") or {}).get("median_size")
-    if median is None:
-        return None
-    try:
-        sizes = median_sizes(median)
-    except (ValueError, TypeError):
-        raise ModelLoadError(f"{meta_path}: postprocess.median_size must be an odd number of pixels or a list "
-                             f"of them (1 = off), not {median!r}; fix the file or reinstall the model") from None
-    return sizes[0] if isinstance(median, int) else sizes
+POSTPROCESS_KEYS = ("median_size", "through_plane_mm")
+
+
+def _postprocess_settings(meta: dict[str, Any], meta_path: Path) -> tuple[int | tuple[int, ...] | None, float | None]:
+    """The folder's ``postprocess`` section: the median size (one odd size or a list) and the sigma across
+    slices (mm), checked before any weight is read."""
+    section = meta.get("postprocess") or {}
+    unknown = sorted(set(section) - set(POSTPROCESS_KEYS)) if isinstance(section, dict) else ["(not a mapping)"]
+    if unknown:
+        raise ModelLoadError(f"{meta_path}: unknown postprocess setting(s) {', '.join(unknown)}; allowed: "
+                             f"{', '.join(POSTPROCESS_KEYS)}; fix the file or reinstall the model")
+    median, sigma = section.get("median_size"), section.get("through_plane_mm")
+    if median is not None:
+        try:
+            sizes = median_sizes(median)
+        except (ValueError, TypeError):
+            raise ModelLoadError(f"{meta_path}: postprocess.median_size must be an odd number of pixels or a list "
+                                 f"of them (1 = off), not {median!r}; fix the file or reinstall the model") from None
+        median = sizes[0] if isinstance(median, int) else sizes
+    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma <= 20):
+        raise ModelLoadError(f"{meta_path}: postprocess.through_plane_mm must be a number of mm in [0, 20] "
+                             f"(0 = off), not {sigma!r}; fix the file or reinstall the model")
+    return median, None if sigma is None else float(sigma)
 
 
 def _load_one(folder: str | os.PathLike[str], *, name: str | None = None, precision: str = "fp32",
@@ -123,7 +135,7 @@ def _load_one(folder: str | os.PathLike[str], *, name: str | None = None, precis
     meta = config or {}
     meta_path = folder / MODEL_CONFIG
     map_config = build(MapConfig, meta.get("map"), "map.", source=meta_path)
-    median = _median_setting(meta, meta_path)
+    median, through_plane = _postprocess_settings(meta, meta_path)
     if not (vae_dir / "config.json").is_file():
         raise ModelLoadError(f"{vae_dir}: no config.json; a model folder needs config.json and "
                              "diffusion_pytorch_model.safetensors as written by AutoencoderKL.save_pretrained")
@@ -143,16 +155,19 @@ def _load_one(folder: str | os.PathLike[str], *, name: str | None = None, precis
     )
     if median is not None:
         model.median_size = median
+    if through_plane is not None:
+        model.through_plane_mm = through_plane
     return model
 
 
 def save_model_folder(folder: str | os.PathLike[str], vae: AutoencoderKL, *, name: str, input_spec: InputSpec,
                       restoration: LatentDiffusionHealer | ImageDenoiser | None = None,
                       map_config: MapConfig | None = None, force_fp32: bool = False, extra: dict[str, Any] | None = None,
-                      median_size: int | tuple[int, ...] | None = None) -> Path:
+                      median_size: int | tuple[int, ...] | None = None,
+                      through_plane_mm: float | None = None) -> Path:
     """Write a model folder: ``vae/`` via ``save_pretrained``, ``healer/`` when present, and the meta file
     (``median_size``: the map's median filter in pixels of ``input_spec``'s grid, or several sizes whose
-    medians are averaged, when not the default 5)."""
+    medians are averaged, when not the default 5; ``through_plane_mm``: its smoothing across slices)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
@@ -161,9 +176,14 @@ def save_model_folder(folder: str | os.PathLike[str], vae: AutoencoderKL, *, nam
         "input_spec": asdict(input_spec), "map": asdict(map_config or MapConfig()), "force_fp32": force_fp32,
         **(extra or {}),
     }
+    post: dict[str, Any] = {}
     if median_size is not None:
         sizes = median_sizes(median_size)
-        meta["postprocess"] = {"median_size": sizes[0] if isinstance(median_size, int) else list(sizes)}
+        post["median_size"] = sizes[0] if isinstance(median_size, int) else list(sizes)
+    if through_plane_mm is not None:
+        post["through_plane_mm"] = float(through_plane_mm)
+    if post:
+        meta["postprocess"] = post
     if restoration is not None:
         restoration.save_pretrained(folder / "healer")
         meta["restoration"] = "healer"

@@ -27,6 +27,7 @@ class ContrastRoutedModel(SliceModel):
         self.name = base.name
         self.input_spec = base.input_spec
         self.median_size = base.median_size
+        self.through_plane_mm = base.through_plane_mm
         self.weights_hash = weights_hash
 
     def for_contrast(self, contrast: str | None) -> SliceModel:

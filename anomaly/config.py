@@ -121,11 +121,21 @@ class ScoringSettings:
         return data
 
     def hash(self) -> str:
-        payload = json.dumps(self.result_dict(), sort_keys=True, default=list)
+        """Hash of the settings that change results. Settings added since the store began count only when
+        set (``HASH_ONLY_WHEN_SET``), so scans scored before they existed are not scored again."""
+        data = self.result_dict()
+        for section, key in HASH_ONLY_WHEN_SET:
+            if data.get(section, {}).get(key) is None:
+                data[section].pop(key, None)
+        payload = json.dumps(data, sort_keys=True, default=list)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+
+HASH_ONLY_WHEN_SET: tuple[tuple[str, str], ...] = (("postprocess", "through_plane_mm"),)
+"""Settings whose default (None: the model's own, which the model's identity covers) leaves the hash as it
+was before they existed."""
 
 
 def native_bf16(device: str = "cpu") -> bool:

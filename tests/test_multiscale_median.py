@@ -180,3 +180,16 @@ def test_through_plane_setting_is_checked_in_settings_and_model_folders(tmp_path
         (folder / "anomaly_model.json").write_text(json.dumps({"name": "m", "postprocess": section}))
         with pytest.raises(ModelLoadError, match=message):
             load_model_folder(folder)
+
+
+def test_the_new_setting_leaves_earlier_settings_hashes_alone() -> None:
+    import hashlib
+
+    from anomaly.config import ScoringSettings
+
+    settings = ScoringSettings()
+    before = settings.result_dict()
+    before["postprocess"].pop("through_plane_mm")  # the settings as they were before the field existed
+    old_hash = hashlib.sha256(json.dumps(before, sort_keys=True, default=list).encode()).hexdigest()[:16]
+    assert settings.hash() == old_hash
+    assert ScoringSettings(postprocess=PostprocessConfig(through_plane_mm=0.0)).hash() != old_hash

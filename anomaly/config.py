@@ -12,7 +12,7 @@ from typing import Any
 
 from anomaly.configparse import ConfigError, build, load_yaml
 from anomaly.contrast import check_contrast_setting
-from anomaly.median import median_sizes
+from anomaly.median import median_setting
 
 from_dict = build
 """The strict builder of :mod:`anomaly.configparse` under its earlier name."""
@@ -67,11 +67,10 @@ class PostprocessConfig:
     def __post_init__(self) -> None:
         if self.median_size is not None:
             try:
-                sizes = median_sizes(self.median_size)
+                object.__setattr__(self, "median_size", median_setting(self.median_size))
             except ValueError:
                 raise ConfigError(f"postprocess.median_size must be an odd number of pixels or a list of them "
                                   f"(1 = off), not {self.median_size!r}") from None
-            object.__setattr__(self, "median_size", sizes[0] if isinstance(self.median_size, int) else sizes)
         if self.through_plane_mm is not None and not 0 <= float(self.through_plane_mm) <= 20:
             raise ConfigError(f"postprocess.through_plane_mm must lie in [0, 20] mm (0 = off), "
                               f"not {self.through_plane_mm!r}")

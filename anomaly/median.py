@@ -43,10 +43,19 @@ COARSE_ABOVE = 9
 
 def median_sizes(value: int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
     """One median size or several as a tuple of odd pixel counts (1 = the map itself)."""
-    sizes = (value,) if isinstance(value, int) else tuple(value)
+    try:
+        sizes = (value,) if isinstance(value, int) else tuple(value)
+    except TypeError:
+        sizes = ()
     if not sizes or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 or s % 2 == 0 for s in sizes):
         raise ValueError(f"median sizes must be odd whole numbers of pixels (1 = off), not {value!r}")
     return sizes
+
+
+def median_setting(value: int | tuple[int, ...] | list[int]) -> int | tuple[int, ...]:
+    """A median setting checked and kept in its form: one size stays a number, a list becomes a tuple."""
+    sizes = median_sizes(value)
+    return sizes[0] if isinstance(value, int) else sizes
 
 
 def _upsample_in_plane(coarse: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -81,25 +90,21 @@ def multiscale_median(values: np.ndarray, sizes: int | tuple[int, ...], where: n
     map serves lesions of every size. Windows wider than :data:`COARSE_ABOVE` pixels are taken on a coarser
     grid (:func:`coarse_median_in_plane`); with ``where``, the result is meant for those voxels only."""
     scales = median_sizes(sizes)
-    total: np.ndarray | None = None
+    total = np.zeros(values.shape, dtype=np.float32)
     for size in scales:
         if size == 1:
-            part = values
+            total += values
         elif size > COARSE_ABOVE:
-            part = coarse_median_in_plane(values, size, where)
+            total += coarse_median_in_plane(values, size, where)
         else:
-            part = median_in_plane(values, size, where)
-        total = part.astype(np.float32) if total is None else total + part
-    assert total is not None
+            total += median_in_plane(values, size, where)
     return (total / len(scales)).astype(values.dtype, copy=False)
 
 
 def parse_median_sizes(text: str) -> int | tuple[int, ...]:
     """A command-line median setting: ``5`` (one size) or ``1,7,13`` (the mean of those medians)."""
     try:
-        parts = tuple(int(p) for p in text.split(","))
-        sizes = median_sizes(parts[0] if len(parts) == 1 and "," not in text else parts)
+        return median_setting(tuple(int(p) for p in text.split(",")) if "," in text else int(text))
     except ValueError:
         raise ValueError(f"{text!r} is not a median size: give an odd number of pixels (5) or several, "
                          f"separated by commas (1,7,13)") from None
-    return sizes[0] if "," not in text else sizes

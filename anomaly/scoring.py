@@ -102,21 +102,22 @@ def postprocess(anomaly: np.ndarray, mask: np.ndarray, config: PostprocessConfig
     across slices (the config's sigma, else the model's; axis 2 is the slice axis) and brain-mask erosion;
     returns the cleaned map and the scored mask."""
     scored = erode_mask(mask, config.erode_mm, spacing)
-    out = anomaly
+    out = np.zeros(anomaly.shape, dtype=np.float32)
+    if not scored.any():
+        return out, scored
+    box = ndimage.find_objects(mask.astype(np.uint8))[0]  # the scored voxels lie inside the brain's box
+    part, where = anomaly[box], scored[box]
     sizes = median_sizes(config.median_size if config.median_size is not None else model_median)
-    if sizes != (1,) and scored.any():
-        box = ndimage.find_objects(mask.astype(np.uint8))[0]
-        out = np.zeros_like(anomaly)
-        out[box] = multiscale_median(anomaly[box], sizes, where=scored[box])
+    if sizes != (1,):
+        part = multiscale_median(part, sizes, where=where)
     sigma_mm = config.through_plane_mm if config.through_plane_mm is not None else model_through_plane_mm
-    if sigma_mm > 0 and scored.any():
+    if sigma_mm > 0:
         # the slices are restored one by one, so their noise is independent from slice to slice while a
         # lesion spans several: averaging neighbouring slices lowers the noise and keeps the lesion
-        box = ndimage.find_objects(scored.astype(np.uint8))[0]
-        inside = np.where(scored[box], out[box], 0).astype(np.float32)
-        out = np.zeros_like(anomaly) if out is anomaly else out
-        out[box] = ndimage.gaussian_filter1d(inside, sigma_mm / float(spacing[2]), axis=2, mode="constant")
-    return np.where(scored, out, 0).astype(np.float32), scored
+        part = ndimage.gaussian_filter1d(np.where(where, part, 0).astype(np.float32), sigma_mm / float(spacing[2]),
+                                         axis=2, mode="constant")
+    out[box] = np.where(where, part, 0)
+    return out, scored
 
 
 def scan_score(anomaly: np.ndarray, mask: np.ndarray, config: ScoreConfig) -> float:

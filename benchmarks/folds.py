@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from detection import Case, contrast_of, evaluate  # noqa: E402
 
 from anomaly.config import ScoringSettings  # noqa: E402
-from anomaly.median import median_sizes  # noqa: E402
+from anomaly.median import median_setting, median_sizes  # noqa: E402
 from anomaly.models import save_model_folder  # noqa: E402
 from anomaly.training.config import load_recipe  # noqa: E402
 from anomaly.training.data import SliceSet, matches_exclusion  # noqa: E402
@@ -104,10 +104,10 @@ def at_resolution(recipe, settings: ScoringSettings, grid: str):  # noqa: ANN001
     denoiser = replace(recipe.denoiser, crop_size=int(round(recipe.denoiser.crop_size * ratio / 8)) * 8,
                        blob_radius_px=(float(low) * ratio, float(high) * ratio))
     if settings.postprocess.median_size is not None:  # else each fold's model folder carries its own
-        sizes = median_sizes(settings.postprocess.median_size)
-        median = tuple(dict.fromkeys(nearest_odd(size * ratio) for size in sizes))  # the nearest odd sizes
-        settings = replace(settings, postprocess=replace(
-            settings.postprocess, median_size=median[0] if isinstance(settings.postprocess.median_size, int) else median))
+        own = settings.postprocess.median_size
+        scaled = tuple(dict.fromkeys(nearest_odd(size * ratio) for size in median_sizes(own)))  # nearest odd sizes
+        median = median_setting(scaled[0] if isinstance(own, int) else scaled)
+        settings = replace(settings, postprocess=replace(settings.postprocess, median_size=median))
     return replace(recipe, data=data, denoiser=denoiser), settings
 
 

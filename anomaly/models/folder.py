@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL
 from anomaly.configparse import build, load_json
 from anomaly.contrast import CONTRASTS
 from anomaly.jsonio import write_json
-from anomaly.median import median_sizes
+from anomaly.median import median_setting
 from anomaly.models.autoencoder import AutoencoderSliceModel, MapConfig
 from anomaly.models.base import SliceModel
 from anomaly.models.denoiser import ImageDenoiser
@@ -112,11 +112,10 @@ def _postprocess_settings(meta: dict[str, Any], meta_path: Path) -> tuple[int | 
     median, sigma = section.get("median_size"), section.get("through_plane_mm")
     if median is not None:
         try:
-            sizes = median_sizes(median)
-        except (ValueError, TypeError):
+            median = median_setting(median)
+        except ValueError:
             raise ModelLoadError(f"{meta_path}: postprocess.median_size must be an odd number of pixels or a list "
                                  f"of them (1 = off), not {median!r}; fix the file or reinstall the model") from None
-        median = sizes[0] if isinstance(median, int) else sizes
     if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma <= 20):
         raise ModelLoadError(f"{meta_path}: postprocess.through_plane_mm must be a number of mm in [0, 20] "
                              f"(0 = off), not {sigma!r}; fix the file or reinstall the model")
@@ -178,8 +177,8 @@ def save_model_folder(folder: str | os.PathLike[str], vae: AutoencoderKL, *, nam
     }
     post: dict[str, Any] = {}
     if median_size is not None:
-        sizes = median_sizes(median_size)
-        post["median_size"] = sizes[0] if isinstance(median_size, int) else list(sizes)
+        setting = median_setting(median_size)
+        post["median_size"] = setting if isinstance(setting, int) else list(setting)
     if through_plane_mm is not None:
         post["through_plane_mm"] = float(through_plane_mm)
     if post:

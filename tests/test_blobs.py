@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from anomaly.training.blobs import BlobSettings, blob_weight, paint_blobs
+from anomaly.training.blobs import BlobSettings, blob_weight, draw_radius, paint_blobs
 from anomaly.training.config import ConfigError, DenoiserTrainConfig, load_recipe
 from anomaly.training.denoiser import corrupt
 
@@ -59,7 +59,8 @@ def test_recipe_checks_blob_settings(tmp_path: Path) -> None:
     loaded = load_recipe(recipe)
     assert loaded.denoiser.blob_probability == 0.5 and tuple(loaded.denoiser.blob_radius_px) == (2, 9)
     for bad, word in (("blob_probability: 1.5", "blob_probability"), ("blob_count: [3, 1]", "blob_count"),
-                      ("blob_radius_px: [0, 4]", "blob_radius_px"), ("blob_from_step: -1", "blob_from_step")):
+                      ("blob_radius_px: [0, 4]", "blob_radius_px"), ("blob_from_step: -1", "blob_from_step"),
+                      ("blob_radius_sampling: cubic", "blob_radius_sampling")):
         recipe.write_text(f"name: x\nstage: denoiser\ndenoiser:\n  {bad}\n")
         with pytest.raises(ConfigError, match=word):
             load_recipe(recipe)
@@ -87,3 +88,24 @@ def test_foreign_blobs_move_normal_tissue_and_stay_in_its_range() -> None:
     assert recipe.blob_foreign_share == 0.3
     with pytest.raises(ConfigError, match="blob_foreign_share"):
         DenoiserTrainConfig(blob_foreign_share=1.2)
+
+
+def test_log_radius_sampling_draws_small_blobs_as_often_per_octave() -> None:
+    """``radius_sampling: log`` spreads radii evenly over octaves (1-2, 2-4, 4-8, 8-16 px each about a
+    quarter), so lesion-sized small blobs are common; uniform sampling puts most radii in the top octave."""
+    octaves = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0])
+    for sampling, check in (("log", lambda share: bool((abs(share - 0.25) < 0.03).all())),
+                            ("uniform", lambda share: float(share[0]) < 0.1 and float(share[-1]) > 0.5)):
+        g = torch.Generator().manual_seed(5)
+        radii = torch.tensor([draw_radius((1.0, 16.0), sampling, g) for _ in range(4000)])
+        assert float(radii.min()) >= 1.0 and float(radii.max()) <= 16.0
+        share = torch.histogram(radii, octaves).hist / len(radii)
+        assert check(share), (sampling, share)
+    x, brain = _batch()
+    settings = BlobSettings(probability=1.0, count=(1, 1), radius_px=(1.0, 16.0), radius_sampling="log")
+    painted = paint_blobs(x, brain, settings, torch.Generator().manual_seed(6))
+    assert torch.equal(painted, paint_blobs(x, brain, settings, torch.Generator().manual_seed(6)))
+    uniform = paint_blobs(x, brain, replace(settings, radius_sampling="uniform"), torch.Generator().manual_seed(6))
+    small = ((painted - x).abs() > 0.05).flatten(1).sum(1).float().median()
+    large = ((uniform - x).abs() > 0.05).flatten(1).sum(1).float().median()
+    assert small < large  # the same draws otherwise: log sampling paints smaller regions

@@ -29,10 +29,23 @@ class BlobSettings:
     count: tuple[int, int] = (1, 3)
     radius_px: tuple[float, float] = (3.0, 14.0)
     foreign_share: float = 0.0
+    radius_sampling: str = "uniform"  # or "log": log-uniform, as many blobs per octave of size
+
+
+RADIUS_SAMPLINGS = ("uniform", "log")
 
 
 def _uniform(low: float, high: float, generator: torch.Generator) -> float:
     return low + (high - low) * float(torch.rand((), generator=generator))
+
+
+def draw_radius(radius_px: tuple[float, float], sampling: str, generator: torch.Generator) -> float:
+    """One radius in pixels between the bounds: uniform, or log-uniform (``log``), which draws small
+    blobs (the size of most MS lesions) as often as large ones instead of rarely."""
+    low, high = radius_px
+    if sampling == "log":
+        return math.exp(_uniform(math.log(low), math.log(high), generator))
+    return _uniform(low, high, generator)
 
 
 def blob_weight(size: tuple[int, int], center: tuple[float, float], radius: tuple[float, float], angle: float,
@@ -86,7 +99,8 @@ def paint_blobs(x: torch.Tensor, mask: torch.Tensor, settings: BlobSettings,
         low, high = settings.count
         for _ in range(int(torch.randint(low, high + 1, (), generator=generator))):
             pick = where[int(torch.randint(0, len(where), (), generator=generator))]
-            radius = (_uniform(*settings.radius_px, generator), _uniform(*settings.radius_px, generator))
+            radius = (draw_radius(settings.radius_px, settings.radius_sampling, generator),
+                      draw_radius(settings.radius_px, settings.radius_sampling, generator))
             weight = blob_weight(size, (float(pick[0]), float(pick[1])), radius,
                                  _uniform(0.0, math.pi, generator), generator) * brain
             tissue = out[b, 0]

@@ -10,6 +10,7 @@ from typing import Any
 from anomaly.configparse import ConfigError, build, load_yaml
 from anomaly.models.autoencoder import MapConfig
 from anomaly.training.augment import AugmentConfig
+from anomaly.training.blobs import RADIUS_SAMPLINGS
 
 #: The project's held-out evaluation cases: refused by every recipe, whatever its own list says.
 EVALUATION_CASES: tuple[str, ...] = (
@@ -117,7 +118,8 @@ class DenoiserTrainConfig:
     (:mod:`anomaly.training.blobs`: ``blob_count`` per slice, ``blob_radius_px`` in model pixels) into that
     share of the slices before the noise, so the network learns to replace whole regions, not only noise,
     from step ``blob_from_step`` on (validation always includes them when they are on); ``blob_foreign_share``
-of the blobs carry normal tissue from elsewhere instead of a level (anatomy out of place). ``init_from`` starts
+of the blobs carry normal tissue from elsewhere instead of a level (anatomy out of place); ``blob_radius_sampling``
+``log`` draws radii log-uniformly (small blobs as often per octave as large ones) instead of uniformly. ``init_from`` starts
 from the restoration stage of a model folder of the same layout (its ``healer/``, or that folder itself):
 training on from shipped weights, since the checkpoints of the run that made them are not kept."""
 
@@ -143,6 +145,7 @@ training on from shipped weights, since the checkpoints of the run that made the
     blob_radius_px: tuple[float, float] = (3.0, 20.0)
     blob_from_step: int = 0
     blob_foreign_share: float = 0.0
+    blob_radius_sampling: str = "uniform"
     init_from: str = ""
 
     def __post_init__(self) -> None:
@@ -155,6 +158,9 @@ training on from shipped weights, since the checkpoints of the run that made the
             raise ConfigError(f"denoiser.blob_count must be [low, high] with 1 <= low <= high, not {list(self.blob_count)}")
         if not 0 <= self.blob_foreign_share <= 1:
             raise ConfigError(f"denoiser.blob_foreign_share must lie in [0, 1], not {self.blob_foreign_share}")
+        if self.blob_radius_sampling not in RADIUS_SAMPLINGS:
+            raise ConfigError(f"denoiser.blob_radius_sampling must be one of {', '.join(RADIUS_SAMPLINGS)}, "
+                              f"not {self.blob_radius_sampling!r}")
         if self.blob_from_step < 0:
             raise ConfigError(f"denoiser.blob_from_step must be 0 or more, not {self.blob_from_step}")
         if not 0 < float(self.blob_radius_px[0]) <= float(self.blob_radius_px[1]):

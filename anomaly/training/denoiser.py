@@ -34,7 +34,7 @@ def corrupt(x: torch.Tensor, mask: torch.Tensor, config: DenoiserTrainConfig,
     if config.blob_probability > 0:
         settings = BlobSettings(config.blob_probability, tuple(int(c) for c in config.blob_count),  # type: ignore[arg-type]
                                 tuple(float(r) for r in config.blob_radius_px),  # type: ignore[arg-type]
-                                config.blob_foreign_share)
+                                config.blob_foreign_share, config.blob_radius_sampling)
         x = paint_blobs(x, mask, settings, generator)
     low, high = (float(v) for v in config.noise_std)
     std = low + (high - low) * torch.rand((x.shape[0], 1, 1, 1), generator=generator)

@@ -1,7 +1,10 @@
-"""MRI contrast of a scan (T1, T2, FLAIR): named by the user or read from common file-naming conventions.
+"""MRI contrast of a scan (T1, contrast-enhanced T1, T2, FLAIR): named by the user or read from common
+file-naming conventions.
 
 The contrast decides how an intensity term enters a map: on T2 and FLAIR most lesions are brighter than
-normal tissue, on T1 they are not (white matter is the brightest normal tissue there).
+normal tissue, on T1 they are not (white matter is the brightest normal tissue there). A contrast-enhanced
+T1 (``t1c``, after gadolinium) is scored by the T1 network, but enhancing tumour is brighter than any
+normal tissue there, so a map rule may treat it apart from a native T1.
 """
 
 from __future__ import annotations
@@ -11,19 +14,47 @@ import re
 from pathlib import Path
 
 CONTRASTS: tuple[str, ...] = ("t1", "t2", "flair")
-SETTINGS: tuple[str, ...] = ("auto", *CONTRASTS)
+"""The contrasts networks are trained on and models route by."""
+FAMILY: dict[str, str] = {"t1c": "t1"}
+"""Scan contrasts scored by the network of another: a contrast-enhanced T1 by the T1 network."""
+SCAN_CONTRASTS: tuple[str, ...] = ("t1", "t1c", "t2", "flair")
+"""Every contrast a scan may be scored as (map rules may be set for each)."""
+SETTINGS: tuple[str, ...] = ("auto", *SCAN_CONTRASTS)
+LABELS: dict[str, str] = {"t1": "T1", "t1c": "T1c", "t2": "T2", "flair": "FLAIR"}
+"""How each contrast is written for readers (T1c: contrast-enhanced T1)."""
 
 # Name tokens, checked in this order (FLAIR first: "t2_flair" is a FLAIR).
 _TOKENS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("flair", re.compile(r"flair")),
-    ("t1", re.compile(r"(?<![a-z0-9])(t1|t1w|t1c|t1ce|t1gd|t1post|mprage|spgr|ch2|ch2bet|ch2better|colin27?)(?![a-z0-9])")),
+    ("t1c", re.compile(r"(?<![a-z0-9])(t1c|t1ce|t1gd|t1post|t1 ?\+ ?c)(?![a-z0-9])")),
+    ("t1", re.compile(r"(?<![a-z0-9])(t1|t1w|mprage|spgr|ch2|ch2bet|ch2better|colin27?)(?![a-z0-9])")),
     ("t2", re.compile(r"(?<![a-z0-9])(t2|t2w|tse)(?![a-z0-9])")),
 )
+
+# A contrast agent named beside a T1 token: BIDS ``ce-<agent>`` entities, "gd", "post contrast", "+C" ...
+_AGENT = re.compile(r"(?<![a-z0-9])(ce-[a-z0-9]+|gd|gad|gado|gadolinium|postcontrast|post ?gd|post ?gad|"
+                    r"post ?contrast|contrast ?enhanced|ce ?t1|t1 ?ce)(?![a-z0-9])|\+ ?c(?![a-z0-9])")
+
+
+def network_contrast(contrast: str | None) -> str | None:
+    """The contrast whose network and route score a scan of ``contrast`` (``t1c`` -> ``t1``)."""
+    return FAMILY.get(contrast, contrast) if contrast else contrast
+
+
+def contrast_label(contrast: str) -> str:
+    """The contrast as readers write it: ``t1c`` -> ``T1c``, ``flair`` -> ``FLAIR``."""
+    return LABELS.get(contrast, contrast.upper())
+
+
+def _enhanced(contrast: str | None, text: str) -> str | None:
+    """``t1c`` where a T1 guess comes with a contrast agent named in the same text, else the guess."""
+    return "t1c" if contrast == "t1" and _AGENT.search(text) else contrast
 
 
 def guess_contrast(path: str | os.PathLike[str]) -> str | None:
     """The contrast a file name states (BIDS suffixes ``_T1w``/``_T2w``/``_FLAIR``, tokens such as
-    ``t1``, ``t1c``, ``t2``, ``flair``, ``mprage``, the Colin27 ``ch2`` files), or None when it says none."""
+    ``t1``, ``t1c``, ``t2``, ``flair``, ``mprage``, the Colin27 ``ch2`` files), or None when it says none.
+    A T1 whose name also names a contrast agent (``t1ce``, ``_ce-gadolinium_T1w``, ``t1_gd``) is ``t1c``."""
     name = Path(path).name.lower()
     for suffix in (".nii.gz", ".nii"):
         if name.endswith(suffix):
@@ -31,7 +62,7 @@ def guess_contrast(path: str | os.PathLike[str]) -> str | None:
             break
     for contrast, pattern in _TOKENS:
         if pattern.search(name):
-            return contrast
+            return _enhanced(contrast, f"{name} {re.sub(r'[_.]+', ' ', name)}")
     return None
 
 
@@ -53,16 +84,16 @@ def resolve_contrast(setting: str, path: str | os.PathLike[str] | None) -> str |
 
 def contrast_from_text(*texts: str | None) -> str | None:
     """The contrast named in free text such as a DICOM series description, protocol or sequence name."""
-    joined = " ".join(t for t in texts if t).lower().replace("*", " ")
-    joined = re.sub(r"[^a-z0-9]+", " ", joined)
+    raw = " ".join(t for t in texts if t).lower().replace("*", " ")
+    joined = re.sub(r"[^a-z0-9]+", " ", raw)
     extra_t1 = re.compile(r"(?<![a-z0-9])(tfl3d\w*|fl3d\w*|bravo|tfe|ffe3d|3d t1|t1 mpr|mp rage)(?![a-z0-9])")
     for contrast, pattern in _TOKENS:
         if pattern.search(joined):
-            return contrast
+            return _enhanced(contrast, f"{raw} {joined}")
     if "dark fluid" in joined or re.search(r"(?<![a-z0-9])tirm(?![a-z0-9])", joined):
         return "flair"
     if extra_t1.search(joined):
-        return "t1"
+        return _enhanced("t1", f"{raw} {joined}")
     return None
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from anomaly.config import PostprocessConfig, ScoringSettings
+from anomaly.contrast import contrast_label
 from anomaly.median import parse_median_sizes
 from anomaly.metrics import auprc, auroc, best_dice, scan_auroc
 from anomaly.models import AutoencoderSliceModel, load_model
@@ -52,8 +53,8 @@ class Case:
 
 def real_cases(root: Path) -> list[Case]:
     spec = [("ms-open", "patient26", ("t1", "t2", "flair"), "lesion_mask"),
-            ("brats2013", "pat0001", ("flair",), "tumor_labels"),
-            ("brats2013", "pat0002", ("flair",), "tumor_labels"),
+            ("brats2013", "pat0001", ("flair", "t1c"), "tumor_labels"),
+            ("brats2013", "pat0002", ("flair", "t1c"), "tumor_labels"),
             ("brats2018", "Brats18_TCIA10_639_1", ("t1", "t2", "flair"), "tumor_labels")]
     cases = []
     for dataset, case, contrasts, label in spec:
@@ -63,7 +64,7 @@ def real_cases(root: Path) -> list[Case]:
             continue
         truth = load_mask(folder / f"{label}.nii.gz")
         for contrast in contrasts:
-            cases.append(Case(f"{dataset} {contrast.upper()}", f"{case}/{contrast}",
+            cases.append(Case(f"{dataset} {contrast_label(contrast)}", f"{case}/{contrast}",
                               load_volume(folder / f"{contrast}.nii.gz"), truth))
     return cases
 
@@ -197,8 +198,9 @@ def main() -> None:
                         help="then also K leave-patients-out folds of the shared patients (benchmarks/folds.py)")
     parser.add_argument("--fold-steps", type=int, default=600, help="training steps per fold (default 600)")
     parser.add_argument("--fold-out", default="runs/folds", help="where the folds keep their models and figures")
-    parser.add_argument("--contrasts", nargs="+", default=["t1", "t2", "flair"], choices=("t1", "t2", "flair"),
-                        help="only the real cases of these contrasts (Colin27 is T1)")
+    parser.add_argument("--contrasts", nargs="+", default=["t1", "t1c", "t2", "flair"],
+                        choices=("t1", "t1c", "t2", "flair"),
+                        help="only the real cases of these contrasts (Colin27 is T1; t1c: contrast-enhanced T1)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)

@@ -175,6 +175,7 @@ def test_load_series_errors_name_the_series(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("texts", "timing", "expected"), [
     (("T2_FLAIR_SAG",), (9000, 90, 2500), "flair"),
     (("t1_mprage_sag_p2",), (2300, 3, 900), "t1"),
+    (("t1_mprage_sag_p2 POST GD",), (2300, 3, 900), "t1c"),
     (("AX T2 TSE",), (4000, 100, None), "t2"),
     (("Dark Fluid",), (None, None, None), "flair"),
     (("series 12", "*tfl3d1_16ns"), (None, None, None), "t1"),

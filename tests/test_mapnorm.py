@@ -79,3 +79,19 @@ def test_per_contrast_overrides_are_checked() -> None:
         MapConfig(intensity_weight_by_contrast={"dwi": 1.0})
     with pytest.raises(ValueError, match="normalise"):
         MapConfig(normalise="zscore")
+
+
+def test_a_contrast_enhanced_t1_is_scored_with_its_own_sign(tiny_vae_folder: Path) -> None:
+    """A file named t1ce is scored as t1c: the T1 network, the t1c map rule (bright enhancing tissue counts)."""
+    model = load_model(tiny_vae_folder)
+    rule = MapConfig(reference="input", normalise="robust-signed", sign="abs",
+                     sign_by_contrast={"t1": "negative", "t1c": "abs"})
+    data, affine = phantom(seed=2, lesion=True), np.eye(4)
+    model.map_config = rule
+    enhanced = score_volume(Volume(data, affine, Path("Brats_x_t1ce.nii.gz")), model)
+    native = score_volume(Volume(data, affine, Path("Brats_x_t1.nii.gz")), model)
+    assert enhanced.prepared.contrast == "t1c" and native.prepared.contrast == "t1"
+    model.map_config = replace(rule, sign_by_contrast={"t1": "abs"})
+    as_abs = score_volume(Volume(data, affine, Path("Brats_x_t1.nii.gz")), model)
+    np.testing.assert_allclose(enhanced.grid_anomaly, as_abs.grid_anomaly, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(enhanced.grid_anomaly, native.grid_anomaly)

@@ -230,7 +230,7 @@ def test_shipped_default_model_loads_with_its_restoration() -> None:
     assert t2.input_spec.slice_size == 192 and t2.input_spec.spacing == (1.0, 1.0, 1.0) and t2.median_size == (1, 11, 19)
     assert t2.map_config.sign_for("t2") == "positive"
     model = model_for(routed, "t1")
-    assert model is model_for(routed, None) is model_for(routed, "flair") is routed.base
+    assert model is model_for(routed, None) is model_for(routed, "flair") is model_for(routed, "t1c") is routed.base
     assert isinstance(model, AutoencoderSliceModel) and isinstance(model.restoration, ImageDenoiser)
     assert model.restoration.config.classes == ("t1", "t2", "flair") and model.input_spec.slice_size == 128
     assert model.median_size == (1, 7, 13) and model.through_plane_mm == t2.through_plane_mm == 1.5  # the multi-scale median, the same millimetres as the T2 route's

@@ -47,6 +47,7 @@ def test_a_route_loads_shares_the_vae_and_changes_the_identity(routed: Path, tin
     t2 = model.for_contrast("t2")
     assert t2.name == "tiny-t2" and t2.input_spec == T2_SPEC and t2.median_size == 3
     assert model.for_contrast("t1") is model.base and model.for_contrast(None) is model.base
+    assert model.for_contrast("t1c") is model.base
     identity = model.identity()
     assert identity.config["by_contrast"]["t2"]["name"] == "tiny-t2"
     assert identity.weights_hash == weights_hash(routed) != weights_hash(tiny_vae_folder)
@@ -106,6 +107,18 @@ def test_the_viewer_names_the_contrast_and_route_of_a_scan() -> None:
     routed = ResultDetails(contrast="t2", stages={"model": "t2: default-t2"})
     assert _model_line("default", routed) == "default (scored as T2; route t2: default-t2)"
     assert _model_line("default", ResultDetails()) == "default (contrast unknown)"
+    assert _model_line("default", ResultDetails(contrast="t1c")) == "default (scored as T1c)"
+
+
+def test_a_contrast_enhanced_t1_takes_the_t1_route(routed: Path, tiny_vae_folder: Path, tmp_path: Path) -> None:
+    from anomaly.models.routing import route_note
+
+    t1 = save_model_folder(tmp_path / "t1-model", AutoencoderKL.from_pretrained(tiny_vae_folder / "vae"),
+                           name="tiny-t1", input_spec=T2_SPEC)
+    add_contrast_route(routed, "t1", t1)
+    model = load_model(routed)
+    assert model.for_contrast("t1c") is model.for_contrast("t1") is not model.base  # type: ignore[attr-defined]
+    assert route_note(model, "t1c") == "t1: tiny-t1" and route_note(model, "flair") is None
 
 
 def test_the_command_line_adds_a_route(tmp_path: Path, tiny_vae_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -109,6 +109,8 @@ class BidsImage:
         """The contrast the BIDS suffix states, else what the sidecar's TR/TE/TI imply; with the reason."""
         stated = SUFFIX_CONTRAST.get(self.suffix)
         timing = [_ms(self.metadata.get(k)) for k in ("RepetitionTime", "EchoTime", "InversionTime")]
+        if stated == "t1" and self.entities.get("ceagent"):  # ce-<agent>: a contrast-enhanced T1
+            return "t1c", f"BIDS suffix {self.suffix} with ce-{self.entities['ceagent']}"
         if stated is not None:
             by_timing = contrast_from_timing(*timing)
             note = f"BIDS suffix {self.suffix}"

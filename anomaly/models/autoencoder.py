@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from anomaly.contrast import CONTRASTS
+from anomaly.contrast import SCAN_CONTRASTS, network_contrast
 from anomaly.mapnorm import robust_z
 from anomaly.models.base import ModelIdentity, SliceModel, SliceOutput
 from anomaly.models.denoiser import ImageDenoiser
@@ -40,7 +40,8 @@ class MapConfig:
     tissue's spread is measured where it is stable, not on a term clipped to zero on half the brain;
     the intensity term is then z-scored over the brain as well. ``residual_weight`` multiplies the residual term. ``sign_by_contrast``,
     ``intensity_weight_by_contrast`` and ``residual_weight_by_contrast`` override ``sign``,
-    ``intensity_weight`` and ``residual_weight`` for a contrast (t1, t2, flair, unknown)."""
+    ``intensity_weight`` and ``residual_weight`` for a contrast (t1, t1c, t2, flair, unknown); a ``t1c`` scan
+    without settings of its own takes those of ``t1``."""
 
     reference: str = "reconstruction"
     sign: str = "abs"
@@ -79,16 +80,16 @@ class MapConfig:
 
     def floor_percentile(self, contrast: str | None) -> float:
         """The brain percentile below which brightness does not count, for a scan of ``contrast``."""
-        return self.intensity_floor.get(contrast or "unknown", 0.0)
+        return _lookup(self.intensity_floor, contrast, 0.0)
 
     def sign_for(self, contrast: str | None) -> str:
-        return self.sign_by_contrast.get(contrast or "unknown", self.sign)
+        return _lookup(self.sign_by_contrast, contrast, self.sign)
 
     def weight_for(self, contrast: str | None) -> float:
-        return self.intensity_weight_by_contrast.get(contrast or "unknown", self.intensity_weight)
+        return _lookup(self.intensity_weight_by_contrast, contrast, self.intensity_weight)
 
     def residual_weight_for(self, contrast: str | None) -> float:
-        return self.residual_weight_by_contrast.get(contrast or "unknown", self.residual_weight)
+        return _lookup(self.residual_weight_by_contrast, contrast, self.residual_weight)
 
     @property
     def depends_on_contrast(self) -> bool:
@@ -103,9 +104,17 @@ NORMALISE = ("none", "robust", "robust-signed")
 def _per_contrast(name: str, values: dict[str, Any] | None) -> dict[str, Any]:
     values = dict(values or {})
     for key in values:
-        if key not in (*CONTRASTS, "unknown"):
-            raise ValueError(f"{name}: unknown contrast {key!r}; use {', '.join(CONTRASTS)} or unknown")
+        if key not in (*SCAN_CONTRASTS, "unknown"):
+            raise ValueError(f"{name}: unknown contrast {key!r}; use {', '.join(SCAN_CONTRASTS)} or unknown")
     return values
+
+
+def _lookup(values: dict[str, Any], contrast: str | None, default: Any) -> Any:
+    """A per-contrast setting: the contrast's own, else its network contrast's (t1c -> t1), else ``default``."""
+    for key in (contrast or "unknown", network_contrast(contrast) or "unknown"):
+        if key in values:
+            return values[key]
+    return default
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from anomaly.configparse import build, load_json
+from anomaly.contrast import network_contrast
 
 if TYPE_CHECKING:
     from anomaly.models.denoiser import ImageDenoiser
@@ -44,10 +45,15 @@ class HealerConfig:
 
     def t0_for(self, contrast: str | None) -> int:
         """The healing depth for a scan of ``contrast`` (``t0_by_contrast`` overrides ``t0``)."""
-        return self.t0_by_contrast.get(contrast or "unknown", self.t0)
+        for key in (contrast or "unknown", network_contrast(contrast) or "unknown"):
+            if key in self.t0_by_contrast:
+                return self.t0_by_contrast[key]
+        return self.t0
 
     def class_index(self, contrast: str | None) -> int:
-        """The UNet class of a contrast; the "unknown" class (last) for one it was not trained on."""
+        """The UNet class of a contrast (a t1c scan: the T1 class); the "unknown" class (last) for one it
+        was not trained on."""
+        contrast = network_contrast(contrast)
         return self.classes.index(contrast) if contrast in self.classes else len(self.classes)
 
 

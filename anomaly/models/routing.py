@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from anomaly.contrast import network_contrast
 from anomaly.models.base import ModelIdentity, SliceModel, SliceOutput
 from anomaly.preprocess import PreparedVolume
 
@@ -31,8 +32,8 @@ class ContrastRoutedModel(SliceModel):
         self.weights_hash = weights_hash
 
     def for_contrast(self, contrast: str | None) -> SliceModel:
-        """The model that scores a scan of this contrast."""
-        return self.routes.get(contrast or "", self.base)
+        """The model that scores a scan of this contrast (a t1c scan: the T1 route, where there is one)."""
+        return self.routes.get(contrast or "") or self.routes.get(network_contrast(contrast) or "", self.base)
 
     @property
     def uses_contrast(self) -> bool:
@@ -72,6 +73,9 @@ def model_for(model: SliceModel, contrast: str | None) -> SliceModel:
 
 def route_note(model: SliceModel, contrast: str | None) -> str | None:
     """What a result records about its route: ``"t2: <model name>"`` where a route scored it, else None."""
-    if not isinstance(model, ContrastRoutedModel) or (contrast or "") not in model.routes:
+    if not isinstance(model, ContrastRoutedModel):
         return None
-    return f"{contrast}: {model.routes[str(contrast)].name}"
+    key = contrast if (contrast or "") in model.routes else network_contrast(contrast)
+    if (key or "") not in model.routes:
+        return None
+    return f"{key}: {model.routes[str(key)].name}"

@@ -23,7 +23,7 @@ from monai.transforms import SpatialResample
 from scipy import ndimage
 
 from anomaly.config import PreprocessConfig
-from anomaly.contrast import guess_contrast
+from anomaly.contrast import guess_contrast, network_contrast
 from anomaly.preprocess import InputSpec, PreparedVolume, prepare_volume
 from anomaly.scoring import slices_to_batch
 from anomaly.volume import Volume, load_mask, load_volume
@@ -53,7 +53,7 @@ class VolumeSource:
 @dataclass
 class SliceSet:
     """Training slices ``[N, 1, H, W]`` in [0, 1] (float16 to save memory), their brain masks, the case
-    each came from, and its contrast (t1, t2, flair, or "" when unknown)."""
+    each came from, and the contrast of its network (t1, t2, flair, or "" when unknown; t1c scans train T1)."""
 
     images: torch.Tensor
     masks: torch.Tensor
@@ -62,7 +62,7 @@ class SliceSet:
 
     def __post_init__(self) -> None:
         if not self.contrasts:
-            self.contrasts = [guess_contrast(case) or "" for case in self.cases]
+            self.contrasts = [network_contrast(guess_contrast(case)) or "" for case in self.cases]
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -143,7 +143,7 @@ def find_sources(patterns: Iterable[str], lesion_names: Sequence[str] = (), excl
                 check_not_excluded(path, exclude)
             lesion = next((path.parent / n for n in lesion_names if (path.parent / n).is_file()), None)
             brain = next((path.parent / n for n in brain_mask_names if (path.parent / n).is_file()), None)
-            sources.append(VolumeSource(path, lesion, guess_contrast(path) or "", brain))
+            sources.append(VolumeSource(path, lesion, network_contrast(guess_contrast(path)) or "", brain))
     for source in sources:
         check_not_excluded(source.path, exclude)
     return sources

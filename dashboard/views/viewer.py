@@ -11,6 +11,7 @@ from typing import Any
 
 import streamlit as st
 
+from anomaly.contrast import contrast_label
 from anomaly.records import ResultDetails
 from anomaly.store import ResultDetail, RunSummary, Store, get_result_detail, neighbours, result_page
 from anomaly.viz import range_to_window
@@ -152,7 +153,7 @@ def details(detail: ResultDetail, vols: ScanVolumes) -> None:
 def _model_line(name: str, facts: ResultDetails) -> str:
     """The run's model, with the contrast it scored the scan as and the route that did (models routed by contrast)."""
     route = facts.stages.get("model")
-    contrast = f"scored as {facts.contrast.upper()}" if facts.contrast else "contrast unknown"
+    contrast = f"scored as {contrast_label(facts.contrast)}" if facts.contrast else "contrast unknown"
     return f"{name} ({contrast}{'; route ' + str(route) if route else ''})"
 
 

@@ -98,9 +98,12 @@ def new_parser(sub: argparse._SubParsersAction, name: str, summary: str, example
 
 def add_contrast_option(p: argparse.ArgumentParser) -> None:
     """``--contrast``: the MRI contrast of the scans, which decides how brightness enters the map."""
-    p.add_argument("--contrast", choices=("auto", "t1", "t2", "flair"),
-                   help="contrast of the scans (default auto: read from file names such as *_T1w, t2, flair; "
-                        "scans whose name says none count all brightness as on T2/FLAIR)")
+    from anomaly.contrast import SETTINGS
+
+    p.add_argument("--contrast", choices=SETTINGS,
+                   help="contrast of the scans (default auto: read from file names such as *_T1w, t1ce, t2, flair; "
+                        "t1c is a contrast-enhanced T1; scans whose name says none count all brightness as on "
+                        "T2/FLAIR)")
 
 
 def add_raw_input_options(p: argparse.ArgumentParser) -> None:

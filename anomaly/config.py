@@ -35,7 +35,7 @@ class PreprocessConfig:
     min_slice_brain_fraction: float = 0.01
     skull_volume_ml: float = 2300.0
     min_brain_ml: float = 20.0
-    contrast: str = "auto"  # t1, t2, flair, or auto: read from the file name (see anomaly.contrast)
+    contrast: str = "auto"  # t1, t1c, t2, flair, or auto: read from the file name (see anomaly.contrast)
     skull_strip: str = "auto"  # auto (heads only), force, skip, or mask (the user's masks, --brain-mask)
     skull_strip_size: int = 192  # cube (voxels) the extractor resamples the brain's bounding box to
     register: str = "none"  # none, or mni: register to the MNI152 template before the model

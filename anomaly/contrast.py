@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 CONTRASTS: tuple[str, ...] = ("t1", "t2", "flair")
 """The contrasts networks are trained on and models route by."""
@@ -32,13 +36,35 @@ _TOKENS: tuple[tuple[str, re.Pattern[str]], ...] = (
 )
 
 # A contrast agent named beside a T1 token: BIDS ``ce-<agent>`` entities, "gd", "post contrast", "+C" ...
-_AGENT = re.compile(r"(?<![a-z0-9])(ce-[a-z0-9]+|gd|gad|gado|gadolinium|postcontrast|post ?gd|post ?gad|"
-                    r"post ?contrast|contrast ?enhanced|ce ?t1|t1 ?ce)(?![a-z0-9])|\+ ?c(?![a-z0-9])")
+_AGENT = re.compile(r"(?<![a-z0-9])(ce-[a-z0-9]+|ce|gd|gad|gado|gadolinium|postcontrast|post ?gd|post ?gad|"
+                    r"post ?contrast|contrast ?enhanced)(?![a-z0-9])|\+ ?c(?![a-z0-9])")
 
 
 def network_contrast(contrast: str | None) -> str | None:
     """The contrast whose network and route score a scan of ``contrast`` (``t1c`` -> ``t1``)."""
     return FAMILY.get(contrast, contrast) if contrast else contrast
+
+
+def contrast_key(values: Mapping[str, object], contrast: str | None) -> str | None:
+    """The key of a per-contrast mapping that holds for a scan of ``contrast``: its own, else its network
+    contrast's (``t1c`` -> ``t1``); ``unknown`` for no contrast; None where neither is there."""
+    for key in (contrast or "unknown", network_contrast(contrast) or "unknown"):
+        if key in values:
+            return key
+    return None
+
+
+def by_contrast(values: Mapping[str, T], contrast: str | None, default: T) -> T:
+    """A per-contrast setting for a scan of ``contrast`` (see :func:`contrast_key`), else ``default``."""
+    key = contrast_key(values, contrast)
+    return default if key is None else values[key]
+
+
+def class_index(classes: tuple[str, ...], contrast: str | None) -> int:
+    """The class of a contrast-conditional network for a scan of ``contrast`` (a t1c scan: the T1 class);
+    the "unknown" class (last) for one the network was not trained on."""
+    contrast = network_contrast(contrast)
+    return classes.index(contrast) if contrast in classes else len(classes)
 
 
 def contrast_label(contrast: str) -> str:
@@ -47,8 +73,9 @@ def contrast_label(contrast: str) -> str:
 
 
 def _enhanced(contrast: str | None, text: str) -> str | None:
-    """``t1c`` where a T1 guess comes with a contrast agent named in the same text, else the guess."""
-    return "t1c" if contrast == "t1" and _AGENT.search(text) else contrast
+    """``t1c`` where a T1 guess comes with a contrast agent named in the same (lower-case) text, else the
+    guess; underscores and dots separate words there, as spaces do."""
+    return "t1c" if contrast == "t1" and _AGENT.search(re.sub(r"[_.\s]+", " ", text)) else contrast
 
 
 def guess_contrast(path: str | os.PathLike[str]) -> str | None:
@@ -62,7 +89,7 @@ def guess_contrast(path: str | os.PathLike[str]) -> str | None:
             break
     for contrast, pattern in _TOKENS:
         if pattern.search(name):
-            return _enhanced(contrast, f"{name} {re.sub(r'[_.]+', ' ', name)}")
+            return _enhanced(contrast, name)
     return None
 
 
@@ -89,11 +116,11 @@ def contrast_from_text(*texts: str | None) -> str | None:
     extra_t1 = re.compile(r"(?<![a-z0-9])(tfl3d\w*|fl3d\w*|bravo|tfe|ffe3d|3d t1|t1 mpr|mp rage)(?![a-z0-9])")
     for contrast, pattern in _TOKENS:
         if pattern.search(joined):
-            return _enhanced(contrast, f"{raw} {joined}")
+            return _enhanced(contrast, raw)
     if "dark fluid" in joined or re.search(r"(?<![a-z0-9])tirm(?![a-z0-9])", joined):
         return "flair"
     if extra_t1.search(joined):
-        return _enhanced("t1", f"{raw} {joined}")
+        return _enhanced("t1", raw)
     return None
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from anomaly.config import PostprocessConfig, ScoringSettings
-from anomaly.contrast import contrast_label
+from anomaly.contrast import SCAN_CONTRASTS, contrast_label
 from anomaly.median import parse_median_sizes
 from anomaly.metrics import auprc, auroc, best_dice, scan_auroc
 from anomaly.models import AutoencoderSliceModel, load_model
@@ -198,8 +198,7 @@ def main() -> None:
                         help="then also K leave-patients-out folds of the shared patients (benchmarks/folds.py)")
     parser.add_argument("--fold-steps", type=int, default=600, help="training steps per fold (default 600)")
     parser.add_argument("--fold-out", default="runs/folds", help="where the folds keep their models and figures")
-    parser.add_argument("--contrasts", nargs="+", default=["t1", "t1c", "t2", "flair"],
-                        choices=("t1", "t1c", "t2", "flair"),
+    parser.add_argument("--contrasts", nargs="+", default=list(SCAN_CONTRASTS), choices=SCAN_CONTRASTS,
                         help="only the real cases of these contrasts (Colin27 is T1; t1c: contrast-enhanced T1)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from anomaly.contrast import SCAN_CONTRASTS, network_contrast
+from anomaly.contrast import SCAN_CONTRASTS, by_contrast
 from anomaly.mapnorm import robust_z
 from anomaly.models.base import ModelIdentity, SliceModel, SliceOutput
 from anomaly.models.denoiser import ImageDenoiser
@@ -80,16 +80,16 @@ class MapConfig:
 
     def floor_percentile(self, contrast: str | None) -> float:
         """The brain percentile below which brightness does not count, for a scan of ``contrast``."""
-        return _lookup(self.intensity_floor, contrast, 0.0)
+        return by_contrast(self.intensity_floor, contrast, 0.0)
 
     def sign_for(self, contrast: str | None) -> str:
-        return _lookup(self.sign_by_contrast, contrast, self.sign)
+        return by_contrast(self.sign_by_contrast, contrast, self.sign)
 
     def weight_for(self, contrast: str | None) -> float:
-        return _lookup(self.intensity_weight_by_contrast, contrast, self.intensity_weight)
+        return by_contrast(self.intensity_weight_by_contrast, contrast, self.intensity_weight)
 
     def residual_weight_for(self, contrast: str | None) -> float:
-        return _lookup(self.residual_weight_by_contrast, contrast, self.residual_weight)
+        return by_contrast(self.residual_weight_by_contrast, contrast, self.residual_weight)
 
     @property
     def depends_on_contrast(self) -> bool:
@@ -107,14 +107,6 @@ def _per_contrast(name: str, values: dict[str, Any] | None) -> dict[str, Any]:
         if key not in (*SCAN_CONTRASTS, "unknown"):
             raise ValueError(f"{name}: unknown contrast {key!r}; use {', '.join(SCAN_CONTRASTS)} or unknown")
     return values
-
-
-def _lookup(values: dict[str, Any], contrast: str | None, default: Any) -> Any:
-    """A per-contrast setting: the contrast's own, else its network contrast's (t1c -> t1), else ``default``."""
-    for key in (contrast or "unknown", network_contrast(contrast) or "unknown"):
-        if key in values:
-            return values[key]
-    return default
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 from diffusers import UNet2DModel
 
 from anomaly.configparse import build, load_json
-from anomaly.contrast import network_contrast
+from anomaly.contrast import class_index
 from anomaly.models.fixed_unet import FixedClassUNet, foldable
 from anomaly.models.restoration import HEALER_CONFIG
 
@@ -41,10 +41,8 @@ class DenoiserConfig:
         object.__setattr__(self, "noise_std", tuple(float(v) for v in self.noise_std))
 
     def class_index(self, contrast: str | None) -> int:
-        """The UNet class of a contrast (a t1c scan: the T1 class); the "unknown" class (last) for one it
-        was not trained on."""
-        contrast = network_contrast(contrast)
-        return self.classes.index(contrast) if contrast in self.classes else len(self.classes)
+        """The UNet class of a contrast (:func:`anomaly.contrast.class_index`)."""
+        return class_index(self.classes, contrast)
 
 
 class ImageDenoiser(torch.nn.Module):

@@ -16,7 +16,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from anomaly.configparse import build, load_json
-from anomaly.contrast import network_contrast
+from anomaly.contrast import by_contrast, class_index
 
 if TYPE_CHECKING:
     from anomaly.models.denoiser import ImageDenoiser
@@ -45,16 +45,11 @@ class HealerConfig:
 
     def t0_for(self, contrast: str | None) -> int:
         """The healing depth for a scan of ``contrast`` (``t0_by_contrast`` overrides ``t0``)."""
-        for key in (contrast or "unknown", network_contrast(contrast) or "unknown"):
-            if key in self.t0_by_contrast:
-                return self.t0_by_contrast[key]
-        return self.t0
+        return by_contrast(self.t0_by_contrast, contrast, self.t0)
 
     def class_index(self, contrast: str | None) -> int:
-        """The UNet class of a contrast (a t1c scan: the T1 class); the "unknown" class (last) for one it
-        was not trained on."""
-        contrast = network_contrast(contrast)
-        return self.classes.index(contrast) if contrast in self.classes else len(self.classes)
+        """The UNet class of a contrast (:func:`anomaly.contrast.class_index`)."""
+        return class_index(self.classes, contrast)
 
 
 class LatentDiffusionHealer(torch.nn.Module):

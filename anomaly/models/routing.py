@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomaly.contrast import network_contrast
+from anomaly.contrast import contrast_key
 from anomaly.models.base import ModelIdentity, SliceModel, SliceOutput
 from anomaly.preprocess import PreparedVolume
 
@@ -33,7 +33,8 @@ class ContrastRoutedModel(SliceModel):
 
     def for_contrast(self, contrast: str | None) -> SliceModel:
         """The model that scores a scan of this contrast (a t1c scan: the T1 route, where there is one)."""
-        return self.routes.get(contrast or "") or self.routes.get(network_contrast(contrast) or "", self.base)
+        key = contrast_key(self.routes, contrast)
+        return self.base if key is None else self.routes[key]
 
     @property
     def uses_contrast(self) -> bool:
@@ -75,7 +76,5 @@ def route_note(model: SliceModel, contrast: str | None) -> str | None:
     """What a result records about its route: ``"t2: <model name>"`` where a route scored it, else None."""
     if not isinstance(model, ContrastRoutedModel):
         return None
-    key = contrast if (contrast or "") in model.routes else network_contrast(contrast)
-    if (key or "") not in model.routes:
-        return None
-    return f"{key}: {model.routes[str(key)].name}"
+    key = contrast_key(model.routes, contrast)
+    return None if key is None else f"{key}: {model.routes[key].name}"

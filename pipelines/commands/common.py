@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from anomaly.contrast import SETTINGS
+
 if TYPE_CHECKING:
     from anomaly.store import Store
 
@@ -98,8 +100,6 @@ def new_parser(sub: argparse._SubParsersAction, name: str, summary: str, example
 
 def add_contrast_option(p: argparse.ArgumentParser) -> None:
     """``--contrast``: the MRI contrast of the scans, which decides how brightness enters the map."""
-    from anomaly.contrast import SETTINGS
-
     p.add_argument("--contrast", choices=SETTINGS,
                    help="contrast of the scans (default auto: read from file names such as *_T1w, t1ce, t2, flair; "
                         "t1c is a contrast-enhanced T1; scans whose name says none count all brightness as on "
